@@ -1,0 +1,1 @@
+"""Engine builders: ONNX Runtime sessions, TensorRT builds and the TensorRT-compatibility lint."""

@@ -1,0 +1,149 @@
+"""Traceable wrappers, one per exported graph, around the ReducedLlava phases, with the IO names of
+shared/reference/deployment-conventions.md and their dynamic axes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from leanvlm.reference.model import ReducedLlava
+
+GRAPH_NAMES = ("vision", "embed", "prefill", "decode")
+
+
+@dataclass
+class GraphSpec:
+    """What to export for one graph: module, example inputs, IO names and named dynamic axes."""
+
+    name: str
+    module: nn.Module
+    example: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    """`{prefix}.{i}.key`, `{prefix}.{i}.value` for every layer, in that order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def group_axis(g: int, prefix: str) -> str:
+    """Name of the dynamic length axis of cache group g (layers sharing one KV length)."""
+    return f"{prefix}_{g}"
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, ref: ReducedLlava):
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, pixel_values):
+        return self.ref.vision(pixel_values)
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, ref: ReducedLlava):
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, input_ids, image_features):
+        return self.ref.embed(input_ids, image_features)
+
+
+class PrefillGraph(nn.Module):
+    def __init__(self, ref: ReducedLlava):
+        super().__init__()
+        self.ref = ref
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, image_start):
+        logits, presents, kept = self.ref.prefill(inputs_embeds, attention_mask, position_ids, image_start)
+        return (logits, *[t for kv in presents for t in kv], *kept)
+
+
+class DecodeGraph(nn.Module):
+    def __init__(self, ref: ReducedLlava):
+        super().__init__()
+        self.ref = ref
+        self.num_groups = len(ref.schedule.groups)
+
+    def forward(self, inputs_embeds, position_ids, *rest):
+        masks = list(rest[: self.num_groups])
+        flat = rest[self.num_groups :]
+        past = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+        logits, new_kv = self.ref.decode(inputs_embeds, position_ids, masks, past)
+        return (logits, *[t for kv in new_kv for t in kv])
+
+
+def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra: int = 3) -> list[GraphSpec]:
+    """Export specs with example inputs whose dynamic dims are all >= 2 (a dim of 1 gets specialised)."""
+    cfg = ref.config
+    v = cfg.vision_config
+    n_img = ref.num_image_tokens
+    d = cfg.text_config.hidden_size
+    dtype = next(ref.parameters()).dtype
+    n_layers = ref.num_layers
+    groups = ref.schedule.groups
+    seq = text_len + n_img
+    g = torch.Generator().manual_seed(0)
+
+    pixel_values = torch.randn(batch, 3, v.image_size, v.image_size, generator=g, dtype=dtype)
+    ids = torch.randint(0, min(cfg.text_config.vocab_size, 100), (batch, seq), generator=g)
+    ids[:, 3 : 3 + n_img] = ref.image_token_id
+    image_features = torch.randn(batch, n_img, d, generator=g, dtype=dtype)
+    embeds = torch.randn(batch, seq, d, generator=g, dtype=dtype)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[0, :2] = 0
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    start = torch.full((batch,), 3, dtype=torch.int64)
+
+    specs = [
+        GraphSpec("vision", VisionGraph(ref), (pixel_values,), ["pixel_values"], ["image_features"],
+                  {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}}),
+        GraphSpec("embed", EmbedGraph(ref), (ids, image_features), ["input_ids", "image_features"], ["inputs_embeds"],
+                  {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                   "image_features": {0: "batch_size", 1: "num_image_tokens"},
+                   "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}),
+    ]
+
+    present = kv_names("present", n_layers)
+    kept = [f"kept_indices.{s}" for s in range(len(ref.schedule.stages))]
+    pre_axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+                "attention_mask": {0: "batch_size", 1: "sequence_length"},
+                "position_ids": {0: "batch_size", 1: "sequence_length"},
+                "image_start": {0: "batch_size"}, "logits": {0: "batch_size"}}
+    for i in range(n_layers):
+        gi = ref.schedule.group_of(i)
+        for kind in ("key", "value"):
+            pre_axes[f"present.{i}.{kind}"] = {0: "batch_size", 2: group_axis(gi, "present_sequence_length")}
+    for name in kept:
+        pre_axes[name] = {0: "batch_size"}
+    specs.append(GraphSpec("prefill", PrefillGraph(ref), (embeds, mask, pos, start),
+                           ["inputs_embeds", "attention_mask", "position_ids", "image_start"],
+                           ["logits", *present, *kept], pre_axes))
+
+    kvh, hd = ref.num_kv_heads, ref.head_dim
+    past_lens = [seq - n_img + n + past_extra + gi for gi, (_, _, n) in enumerate(groups)]
+    masks = [torch.ones(batch, p + 1, dtype=torch.int64) for p in past_lens]
+    past = []
+    for i in range(n_layers):
+        p = past_lens[ref.schedule.group_of(i)]
+        past += [torch.randn(batch, kvh, p, hd, generator=g, dtype=dtype) for _ in range(2)]
+    step = torch.randn(batch, 1, d, generator=g, dtype=dtype)
+    step_pos = torch.full((batch, 1), seq + past_extra, dtype=torch.int64)
+    mask_names = [f"attention_mask.{gi}" for gi in range(len(groups))]
+    past_names = kv_names("past_key_values", n_layers)
+    dec_axes = {"inputs_embeds": {0: "batch_size"}, "position_ids": {0: "batch_size"}, "logits": {0: "batch_size"}}
+    for gi, name in enumerate(mask_names):
+        dec_axes[name] = {0: "batch_size", 1: group_axis(gi, "total_sequence_length")}
+    for i in range(n_layers):
+        gi = ref.schedule.group_of(i)
+        for kind in ("key", "value"):
+            dec_axes[f"past_key_values.{i}.{kind}"] = {0: "batch_size", 2: group_axis(gi, "past_sequence_length")}
+            dec_axes[f"present.{i}.{kind}"] = {0: "batch_size"}
+    specs.append(GraphSpec("decode", DecodeGraph(ref), (step, step_pos, *masks, *past),
+                           ["inputs_embeds", "position_ids", *mask_names, *past_names], ["logits", *present],
+                           dec_axes))
+    return specs
