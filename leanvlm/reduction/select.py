@@ -26,8 +26,9 @@ def image_scores(scores: torch.Tensor, image_start: torch.Tensor, num_image: int
 def select_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k best scores per row, in ascending index order (kept tokens keep their order)."""
     top = torch.topk(scores, k, dim=1).indices
-    # Ordering k indices is a second TopK with the same constant k (a sort would be a dynamic-k TopK).
-    return torch.topk(top, k, dim=1, largest=False).values
+    # Ordering k indices is a second TopK with the same constant k (a sort would be a dynamic-k TopK),
+    # on float32 because TensorRT's TopK takes float inputs only (indices < 2^24 are exact).
+    return torch.topk(top.to(torch.float32), k, dim=1, largest=False).values.to(torch.int64)
 
 
 def keep_index(image_start: torch.Tensor, kept: torch.Tensor, seq_len: torch.Tensor | int, num_image: int) -> torch.Tensor:

@@ -62,9 +62,7 @@ class ReducedLlava(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        v = self.config.vision_config
-        n = (v.image_size // v.patch_size) ** 2
-        return n if self.config.vision_feature_select_strategy == "default" else n + 1
+        return num_image_tokens(self.config)
 
     @property
     def vision_layers_used(self) -> int:
@@ -93,7 +91,8 @@ class ReducedLlava(nn.Module):
         """
         emb = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.image_token_id
-        index = torch.cumsum(is_image.to(torch.int64), dim=1) * is_image.to(torch.int64)
+        # float32 CumSum: TensorRT's CumSum takes float inputs only; counts < 2^24 are exact.
+        index = (torch.cumsum(is_image.to(torch.float32), dim=1) * is_image.to(torch.float32)).to(torch.int64)
         index = index.clamp(max=image_features.shape[1])
         feats = torch.cat([image_features.new_zeros(image_features.shape[0], 1, image_features.shape[2]), image_features], 1)
         spliced = select.gather_tokens(feats.to(emb.dtype), index)
@@ -196,6 +195,13 @@ class ReducedLlava(nn.Module):
     def _decode_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Key-padding mask for one query, additive [B, 1, 1, S]."""
         return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def num_image_tokens(config) -> int:
+    """Image tokens a LLaVA config feeds the LLM: patches, plus CLS unless the 'default' strategy drops it."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n if config.vision_feature_select_strategy == "default" else n + 1
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:

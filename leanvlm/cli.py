@@ -1,0 +1,146 @@
+"""Command-line entry points. Thin: parse, call the library, print. Bad input -> one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from leanvlm.errors import EngineError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage stays available through --help)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _run(fn, *args) -> int:
+    try:
+        return fn(*args) or 0
+    except (UserError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- export-engine ---------------------------------------------------------------------------
+def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Export a LLaVA checkpoint with FastV token reduction baked into ONNX graphs.")
+    p.add_argument("--model", required=True,
+                   help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
+    p.add_argument("--keep", type=float, required=True, help="fraction of image tokens kept, in (0, 1]; 1 = unreduced")
+    p.add_argument("--layer", type=int, default=2, help="decoder layer K at whose input tokens are dropped (default 2)")
+    p.add_argument("--out", type=Path, help="output directory (default out/<model>-keep<R>)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; TensorRT 10.3 parses up to 20)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime accepts (default 8)")
+    p.add_argument("--max-prompt", type=int, help="longest prompt in tokens, image tokens included "
+                   "(default image tokens + 512)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request (default 256)")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter (default torchscript: much faster to export, same graphs)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from leanvlm.export import ExportOptions, export_engine
+
+    _quiet_transformers()
+    console = Console(stderr=True, log_path=False)
+    opts = ExportOptions(model=args.model, keep=args.keep, layer=args.layer, out=args.out, opset=args.opset,
+                         max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
+                         force=args.force, exporter=args.exporter)
+    with console.status("exporting") as status:
+        def on_step(msg: str) -> None:
+            console.log(msg)
+            status.update(msg)
+
+        result = export_engine(opts, on_step)
+    _print_export_summary(result)
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """transformers' own per-shard progress bars would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _print_export_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.manifest
+    table = Table(title=f"engine written to {result.out}")
+    table.add_column("graph")
+    table.add_column("size", justify="right")
+    table.add_column("max |diff| vs PyTorch", justify="right")
+    for g, size in result.graph_bytes.items():
+        table.add_row(f"{g}.onnx", _human(size), f"{m['export']['check'][g]:.2e}")
+    stages = Table(title="image tokens per cache group")
+    stages.add_column("decoder layers")
+    stages.add_column("image tokens", justify="right")
+    for grp in m["cache_groups"]:
+        a, b = grp["layers"]
+        stages.add_row(f"{a}-{b - 1}", f"{m['model']['num_image_tokens']} -> {grp['image_tokens']}")
+    console = Console()
+    console.print(table)
+    console.print(stages)
+    console.print(f"theoretical prefill FLOPs vs unreduced: {result.flops_ratio:.3f} "
+                  f"({m['schedule']['flops_text_tokens']} text tokens)   export time: {result.seconds:.1f} s")
+    if result.lint:
+        console.print(f"[yellow]TensorRT lint: {len(result.lint)} issue(s)[/yellow]: " + "; ".join(result.lint[:5]))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def export_engine_main(argv: list[str] | None = None) -> int:
+    """Console script `export-engine`."""
+    args = _export_parser().parse_args(argv)
+    return _run(_export, args)
+
+
+# ---- leanvlm ---------------------------------------------------------------------------------
+def _make_tiny(args: argparse.Namespace) -> int:
+    from leanvlm.models import make_tiny
+
+    path = make_tiny(args.out, seed=args.seed)
+    print(f"tiny LLaVA checkpoint written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="leanvlm", description="leanvlm: export, run and check token-reduced VLM engines")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("make-tiny", help="write a small random-weight LLaVA checkpoint")
+    t.add_argument("out", type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_make_tiny)
+    e = sub.add_parser("export", help="same as export-engine", add_help=False, parents=[_export_parser("leanvlm export")])
+    e.set_defaults(func=_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `leanvlm`."""
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

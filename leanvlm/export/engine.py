@@ -1,0 +1,225 @@
+"""`export-engine`: checkpoint + schedule -> engine directory (four ONNX graphs, tokenizer/processor, manifest).
+
+Everything is written to a temporary sibling of the output directory and moved into place only once
+every graph has passed onnx.checker, the TensorRT lint and an ONNX Runtime run against the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from leanvlm.errors import UserError
+from leanvlm.export.manifest import MANIFEST_NAME, config_hash, graph_io, write_manifest
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below ONNX's 2 GB protobuf limit, with headroom for the graph itself
+DEFAULT_TEXT_TOKENS = 64  # prompt text around the image for the FLOPs report (LLaVA-1.5 prompts: ~60-70)
+
+
+@dataclass
+class ExportOptions:
+    """Everything `export-engine` takes. Limits bound the runtime's shapes and KV-cache capacity."""
+
+    model: str
+    keep: float
+    layer: int = 2
+    out: Path | None = None
+    opset: int = 18
+    max_batch: int = 8
+    max_prompt: int | None = None  # tokens including image tokens; default: image tokens + 512
+    max_new_tokens: int = 256
+    force: bool = False
+    exporter: str = "torchscript"
+    check_batch: tuple[int, ...] = (5, 12, 9)  # text lengths of the ONNX Runtime check (ragged, batch 3)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    graph_bytes: dict[str, int]
+    seconds: float
+    flops_ratio: float
+    checks: list = field(default_factory=list)
+    lint: list = field(default_factory=list)
+
+
+def validate_options(opts: ExportOptions) -> Path:
+    """Check everything that needs no model; returns the output directory. Raises UserError."""
+    from leanvlm.export.onnx_export import EXPORTERS, SUPPORTED_OPSETS
+
+    if isinstance(opts.keep, bool) or not isinstance(opts.keep, (int, float)) or not 0.0 < opts.keep <= 1.0:
+        raise UserError(f"--keep {opts.keep}: must be in (0, 1] (the fraction of image tokens kept)")
+    if opts.opset not in SUPPORTED_OPSETS:
+        raise UserError(f"--opset {opts.opset}: use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+                        "(TensorRT 10.3 parses up to 20; 23 adds fused ops it rejects)")
+    if opts.exporter not in EXPORTERS:
+        raise UserError(f"--exporter {opts.exporter}: choose one of {', '.join(EXPORTERS)}")
+    for flag, value, top in (("--max-batch", opts.max_batch, 4096), ("--max-new-tokens", opts.max_new_tokens, 1 << 20)):
+        if not isinstance(value, int) or not 1 <= value <= top:
+            raise UserError(f"{flag} {value}: must be an integer in [1, {top}]")
+    if opts.max_prompt is not None and (not isinstance(opts.max_prompt, int) or opts.max_prompt < 1):
+        raise UserError(f"--max-prompt {opts.max_prompt}: must be a positive integer")
+    out = Path(opts.out if opts.out is not None else Path("out") / _slug(opts.model, opts.keep)).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise UserError(f"--out {out}: exists and is not empty; pass --force to replace it or choose another directory")
+    parent = _existing_parent(out)
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory")
+    try:  # a real write: permission bits say nothing for root, nor for read-only or virtual filesystems
+        Path(tempfile.mkdtemp(prefix=".leanvlm-probe-", dir=parent)).rmdir()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write to {parent} ({e.strerror}); choose a writable directory") from e
+    return out
+
+
+def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = None) -> ExportResult:
+    """Export `opts.model` with a FastV schedule to an engine directory; see the module docstring."""
+    from leanvlm.engines.trt_lint import lint_onnx
+    from leanvlm.export.graphs import build_specs
+    from leanvlm.export.onnx_export import export_graph
+    from leanvlm.export.verify import check_engine, load_sessions
+    from transformers import LlavaConfig
+
+    from leanvlm.models import load_model, resolve_model
+    from leanvlm.reduction.flops import prefill_flops_ratio
+    from leanvlm.reduction.schedule import Schedule
+    from leanvlm.reference import ReducedLlava
+    from leanvlm.reference.model import num_image_tokens
+
+    step = on_step or (lambda _msg: None)
+    t0 = time.perf_counter()
+    out = validate_options(opts)
+    step(f"resolving {opts.model}")
+    cfg = LlavaConfig.from_pretrained(resolve_model(opts.model))
+    text = cfg.text_config
+    n_img = num_image_tokens(cfg)
+    # The schedule (and its errors) needs only the config: fail before loading weights.
+    schedule = Schedule.fastv(text.num_hidden_layers, n_img, opts.keep, opts.layer)
+    max_prompt = opts.max_prompt or n_img + 512
+    if max_prompt <= n_img:
+        raise UserError(f"--max-prompt {max_prompt}: must exceed the {n_img} image tokens of this model")
+    if max_prompt + opts.max_new_tokens > text.max_position_embeddings:
+        raise UserError(f"--max-prompt {max_prompt} + --max-new-tokens {opts.max_new_tokens} exceeds the model's "
+                        f"{text.max_position_embeddings} positions")
+    step(f"loading {opts.model}")
+    loaded = load_model(opts.model)
+    model = loaded.model
+    ref = ReducedLlava(model, schedule).eval()
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        external = param_bytes > EXTERNAL_DATA_BYTES
+        specs = build_specs(ref)
+        for spec in specs:
+            step(f"exporting {spec.name}.onnx")
+            export_graph(spec, tmp / f"{spec.name}.onnx", opts.opset, opts.exporter, external_data=external)
+        step("checking graphs (onnx.checker, TensorRT lint)")
+        import onnx
+
+        lint = []
+        for spec in specs:
+            onnx.checker.check_model(str(tmp / f"{spec.name}.onnx"), full_check=True)
+            lint += [str(i) for i in lint_onnx(tmp / f"{spec.name}.onnx")]
+        step("running graphs in ONNX Runtime against the PyTorch reference")
+        lens = list(opts.check_batch[: opts.max_batch])
+        checks = check_engine(ref, load_sessions(tmp, ["CPUExecutionProvider"]), lens)
+        step("saving tokenizer and processor")
+        loaded.processor.save_pretrained(tmp)
+        graphs = {spec.name: graph_io(tmp / f"{spec.name}.onnx") for spec in specs}
+        flops = prefill_flops_ratio(schedule, DEFAULT_TEXT_TOKENS, text.hidden_size, text.intermediate_size,
+                                    text.num_key_value_heads / text.num_attention_heads)
+        body = _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, external)
+        write_manifest(tmp, body)
+        tmp.chmod(0o755)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = {g: sum(p.stat().st_size for p in out.glob(f"{g}.onnx*")) for g in graphs}
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    return ExportResult(out, manifest, sizes, time.perf_counter() - t0, flops, checks, lint)
+
+
+def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, external) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from leanvlm import __version__
+
+    schedule = ref.schedule
+    n_img = schedule.num_image_tokens
+    groups = []
+    for g, (a, b, n) in enumerate(schedule.groups):
+        groups.append({
+            "group": g, "layers": [a, b], "image_tokens": n,
+            "length_rule": f"prompt_length - {n_img - n} (+1 per decoded token)" if n != n_img else
+                           "prompt_length (+1 per decoded token)",
+            "capacity": max_prompt - (n_img - n) + opts.max_new_tokens,
+        })
+    cfg = loaded.model.config
+    text = cfg.text_config
+    return {
+        "source": {"model": loaded.source, "path": str(loaded.path), "config_sha256": config_hash(cfg.to_dict())},
+        "model": {
+            "image_token_id": ref.image_token_id,
+            "num_image_tokens": n_img,
+            "image_size": cfg.vision_config.image_size,
+            "num_layers": ref.num_layers,
+            "num_heads": ref.num_heads,
+            "num_kv_heads": ref.num_kv_heads,
+            "head_dim": ref.head_dim,
+            "hidden_size": text.hidden_size,
+            "vocab_size": text.vocab_size,
+            "dtype": "float32",
+            "eos_token_id": text.eos_token_id,
+            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else text.pad_token_id,
+        },
+        "schedule": {**schedule.to_dict(), "method": "fastv" if schedule.stages else "none",
+                     "keep": opts.keep, "prefill_flops_ratio": flops, "flops_text_tokens": DEFAULT_TEXT_TOKENS},
+        "graphs": graphs,
+        "limits": {"max_batch": opts.max_batch, "max_prompt": max_prompt, "max_new_tokens": opts.max_new_tokens},
+        "cache_groups": groups,
+        "export": {"exporter": opts.exporter, "opset": opts.opset, "external_data": external,
+                   "trt_lint": lint, "check": {c.graph: c.worst for c in checks}},
+        "versions": {"leanvlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished directory in; an existing one (--force) is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing ancestor of `path`: where the temporary sibling and the final rename happen."""
+    p = path.absolute().parent
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _slug(model: str, keep: float) -> str:
+    name = Path(model).name or "model"
+    return f"{name}-keep{keep:g}"
