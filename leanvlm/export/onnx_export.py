@@ -7,6 +7,7 @@ graphs without fused Attention / RotaryEmbedding / RMSNormalization ops, which T
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     for name in spec.input_names:
         axes = spec.dynamic_axes.get(name, {})
         shapes.append({ax: dim(n) for ax, n in axes.items()} or None)
+    # torch.export sees `forward(a, b, *rest)` as three arguments: nest the shapes the same way.
+    params = inspect.signature(spec.module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        n_fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+        return (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
     return tuple(shapes)
 
 
