@@ -124,6 +124,42 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from leanvlm.runtime import Pipeline
+
+    _quiet_transformers()
+    if len(args.image) != len(args.prompt):
+        raise UserError(f"got {len(args.image)} --image and {len(args.prompt)} --prompt; give them in pairs")
+    if args.stream and len(args.prompt) > 1:
+        raise UserError("--stream takes one --image/--prompt pair")
+    pipe = Pipeline.load(args.engine, backend=args.backend)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    if args.stream:
+        for piece in pipe.stream(args.image[0], args.prompt[0], **sampling):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = pipe.generate(images=args.image, prompts=args.prompt, **sampling)
+    for res in results:
+        if args.json:
+            print(json.dumps(res.to_dict()))
+        else:
+            print(res.text)
+    return 0
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leanvlm", description="leanvlm: export, run and check token-reduced VLM engines")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -133,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_make_tiny)
     e = sub.add_parser("export", help="same as export-engine", add_help=False, parents=[_export_parser("leanvlm export")])
     e.set_defaults(func=_export)
+
+    g = sub.add_parser("generate", help="generate text for image + prompt pairs with an engine")
+    g.add_argument("engine", type=Path, help="engine directory made by export-engine")
+    g.add_argument("--image", action="append", required=True, help="image path (repeat for a batch)")
+    g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
+    g.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    g.add_argument("--json", action="store_true", help="one JSON object per request")
+    g.add_argument("--stream", action="store_true", help="print text as it is produced")
+    _add_sampling_args(g)
+    g.set_defaults(func=_generate)
     return p
 
 

@@ -141,6 +141,7 @@ def make_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     _spread_weights(model, seed)
+    _prefer_printable(model, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -171,6 +172,18 @@ def make_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _prefer_printable(model, tokenizer) -> None:
+    """Shrink the output rows of tokens that decode to nothing printable (lone bytes, specials but EOS), so
+    a random model's greedy text is words rather than replacement characters; logits stay random."""
+    import torch
+
+    with torch.no_grad():
+        for tid in range(len(tokenizer)):
+            text = tokenizer.decode([tid])
+            if tid != tokenizer.eos_token_id and (not text.strip() or not text.isprintable() or "\ufffd" in text):
+                model.lm_head.weight[tid] *= 0.05
 
 
 def _spread_weights(model, seed: int) -> None:

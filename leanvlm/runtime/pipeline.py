@@ -1,0 +1,201 @@
+"""Pipeline: requests -> preprocess -> vision -> embed -> prefill -> decode loop -> text.
+
+A Pipeline may be shared by threads: every call keeps its own state (KV cache, sampling generators),
+ONNX Runtime sessions are thread-safe for concurrent runs, and the torch backend only reads its model.
+A bad request raises UserError and leaves the Pipeline as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from leanvlm.errors import UserError
+from leanvlm.export.manifest import Manifest, load_manifest
+from leanvlm.runtime.backends import make_backend
+from leanvlm.runtime.kv_cache import CacheGroup, KVCache
+from leanvlm.runtime.preprocess import Batch, Preprocessor
+from leanvlm.runtime.sampling import SamplingParams, make_rngs, select_tokens
+
+
+@dataclass
+class GenerationResult:
+    """One request's output. `kept[s]` are the image-token indices stage s kept (into the original tokens)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    kept: list[list[int]]
+    finish_reason: str  # "eos", "stop" or "length"
+    timings: dict = field(default_factory=dict)
+    kv_cache: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
+                "kept": self.kept, "finish_reason": self.finish_reason, "timings": self.timings,
+                "kv_cache": self.kv_cache}
+
+
+class _Request:
+    """Per-request decoding state: tokens, finish, stop-string handling."""
+
+    def __init__(self, tokenizer, params: SamplingParams, eos: set[int]):
+        self.tokenizer, self.params, self.eos = tokenizer, params, eos
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.text = ""
+
+    def push(self, token: int) -> None:
+        if self.finish:
+            return
+        self.tokens.append(int(token))
+        if token in self.eos and not self.params.ignore_eos:
+            self.finish = "eos"
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for s in self.params.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.finish = self.text[:at], "stop"
+        if not self.finish and len(self.tokens) >= self.params.max_new_tokens:
+            self.finish = "length"
+
+    def safe_text(self) -> str:
+        """Text that can be streamed now: no half-decoded character, no possible start of a stop string."""
+        if self.finish:
+            return self.text
+        text = self.text.rstrip("\ufffd")
+        hold = 0
+        for s in self.params.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        return text[: len(text) - hold]
+
+
+class Pipeline:
+    """Drives an engine directory. Build with `Pipeline.load(out_dir, backend=...)`."""
+
+    def __init__(self, manifest: Manifest, backend, processor, max_pixels: int | None = None):
+        self.manifest = manifest
+        self.backend = backend
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+        self.preprocess = Preprocessor(processor, manifest, **kwargs)
+        m = manifest["model"]
+        eos = m.get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.groups = [CacheGroup(range(*g["layers"]), g["image_tokens"], g["capacity"])
+                       for g in manifest["cache_groups"]]
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", **options) -> "Pipeline":
+        """Validate the engine directory (manifest, checksums) and open it with `backend`.
+
+        Options: providers, threads (onnxruntime); device, dtype, model_path (torch); max_pixels.
+        """
+        from transformers import AutoProcessor
+
+        manifest = load_manifest(engine_dir)
+        processor = AutoProcessor.from_pretrained(str(manifest.directory))
+        max_pixels = options.pop("max_pixels", None)
+        return cls(manifest, make_backend(manifest, backend, **options), processor, max_pixels)
+
+    # ---- public API ------------------------------------------------------------------------
+    def generate(self, image=None, prompt: str | None = None, *, images: list | None = None,
+                 prompts: list[str] | None = None, **sampling):
+        """Generate for one request (image=, prompt=) -> GenerationResult, or a batch (images=, prompts=) ->
+        list[GenerationResult]. Sampling: max_new_tokens, temperature, top_k, top_p, seed, stop."""
+        single = images is None and prompts is None
+        if single:
+            if image is None or prompt is None:
+                raise UserError("give image= and prompt= (or images= and prompts= for a batch)")
+            images, prompts = [image], [prompt]
+        elif image is not None or prompt is not None:
+            raise UserError("give either image=/prompt= or images=/prompts=, not both")
+        elif images is None or prompts is None:
+            raise UserError("a batch needs both images= and prompts=")
+        results = None
+        for results in self._run(list(images), list(prompts), self._params(sampling)):
+            pass
+        return results[0] if single else results
+
+    def stream(self, image, prompt: str, **sampling) -> Iterator[str]:
+        """Yield text pieces of one request as they are decoded; joined they equal generate()'s text."""
+        requests = None
+        printed = 0
+        for requests in self._run([image], [prompt], self._params(sampling), live=True):
+            text = requests[0].safe_text() if isinstance(requests[0], _Request) else requests[0].text
+            if len(text) > printed:
+                yield text[printed:]
+                printed = len(text)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _params(self, sampling: dict) -> SamplingParams:
+        known = set(SamplingParams.__dataclass_fields__)
+        unknown = set(sampling) - known
+        if unknown:
+            raise UserError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(known)}")
+        stop = sampling.get("stop") or ()
+        sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return SamplingParams(**sampling).validate(self.manifest.limits["max_new_tokens"])
+
+    def _run(self, images: list, prompts: list[str], params: SamplingParams, live: bool = False):
+        """Yields the live _Request list after each token when `live`, and finally the results."""
+        t0 = time.perf_counter()
+        batch = self.preprocess(images, prompts)
+        be = self.backend
+        sync = getattr(be, "synchronize", lambda: None)
+        feats = be.vision(batch.pixel_values)
+        embeds = be.embed(batch.input_ids, feats)
+        sync()
+        t_pre = time.perf_counter()
+        logits, presents, kept = be.prefill(embeds, batch.attention_mask, batch.position_ids, batch.image_start)
+        sync()
+        t_prefilled = time.perf_counter()
+        m = self.manifest["model"]
+        cache = KVCache(self.groups, batch.size, m["num_kv_heads"], m["head_dim"], batch.input_ids.shape[1],
+                        m["num_image_tokens"], params.max_new_tokens, be.alloc)
+        cache.fill(presents, batch.attention_mask)
+        del presents
+        rngs = make_rngs(params, batch.size)
+        requests = [_Request(self.tokenizer, params, self.eos) for _ in range(batch.size)]
+        tokens = select_tokens(logits, params, rngs)
+        for r, t in zip(requests, tokens):
+            r.push(t)
+        t_first = time.perf_counter()
+        if live:
+            yield requests
+        position = batch.attention_mask.sum(1, keepdims=True).astype(np.int64)
+        no_image = be.empty_features(batch.size)
+        steps = 0
+        while not all(r.finish for r in requests):
+            step = be.embed(tokens[:, None].astype(np.int64), no_image)
+            logits, new_kv = be.decode(step, position, cache.masks, cache.past())
+            cache.append(new_kv)
+            position += 1
+            steps += 1
+            tokens = select_tokens(logits, params, rngs)
+            for r, t in zip(requests, tokens):
+                r.push(t)
+            if live:
+                yield requests
+        sync()
+        t_end = time.perf_counter()
+        decode_s = t_end - t_first
+        timings = {"ttft_s": t_first - t0, "preprocess_vision_embed_s": t_pre - t0, "prefill_s": t_prefilled - t_pre,
+                   "decode_s": decode_s, "decode_steps": steps,
+                   "decode_tokens_per_s": steps * batch.size / decode_s if steps and decode_s > 0 else None,
+                   "total_s": t_end - t0}
+        kv = cache.stats()
+        yield [self._result(r, b, batch, kept, timings, kv) for b, r in enumerate(requests)]
+
+    def _result(self, r: _Request, b: int, batch: Batch, kept, timings, kv) -> GenerationResult:
+        return GenerationResult(text=r.text, token_ids=r.tokens, prompt_token_ids=batch.prompt_token_ids[b],
+                                kept=[k[b].tolist() for k in kept], finish_reason=r.finish, timings=dict(timings),
+                                kv_cache=kv)

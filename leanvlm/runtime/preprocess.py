@@ -1,0 +1,85 @@
+"""Requests -> engine inputs: images through the processor, prompts through the chat template and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from leanvlm.errors import UserError
+from leanvlm.runtime.images import DEFAULT_MAX_PIXELS, load_image
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class Batch:
+    """Left-padded engine inputs for a batch of requests."""
+
+    input_ids: np.ndarray  # [B, L] int64
+    attention_mask: np.ndarray  # [B, L] int64
+    pixel_values: np.ndarray  # [B, 3, H, W] float32
+    position_ids: np.ndarray  # [B, L] int64
+    image_start: np.ndarray  # [B] int64
+    prompt_token_ids: list[list[int]]  # unpadded, image tokens expanded
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class Preprocessor:
+    """Wraps the engine's processor; validates against the manifest's limits."""
+
+    def __init__(self, processor, manifest, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.processor = processor
+        self.model = manifest["model"]
+        self.limits = manifest.limits
+        self.max_pixels = max_pixels
+
+    def template(self, prompt: str) -> str:
+        """Wrap a plain prompt in the chat template with one image; a prompt holding `<image>` is used as is."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError("prompt: must be a non-empty string")
+        if IMAGE_TOKEN in prompt:
+            if prompt.count(IMAGE_TOKEN) != 1:
+                raise UserError(f"prompt: a templated prompt must hold exactly one {IMAGE_TOKEN}")
+            return prompt
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+    def __call__(self, images: list, prompts: list[str]) -> Batch:
+        if len(images) != len(prompts):
+            raise UserError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        if not prompts:
+            raise UserError("no requests: give at least one image and prompt")
+        if len(prompts) > self.limits["max_batch"]:
+            raise UserError(f"batch of {len(prompts)} exceeds this engine's limit of {self.limits['max_batch']} "
+                            "(re-export with a larger --max-batch, or split the batch)")
+        texts = [self.template(p) for p in prompts]
+        pil = [load_image(img, self.max_pixels) for img in images]
+        enc = self.processor(images=pil, text=texts, return_tensors="np", padding=True)
+        ids = enc["input_ids"].astype(np.int64)
+        mask = enc["attention_mask"].astype(np.int64)
+        lengths = mask.sum(1)
+        if int(lengths.max()) > self.limits["max_prompt"]:
+            worst = int(lengths.argmax())
+            raise UserError(f"prompt {worst}: {int(lengths[worst])} tokens (with {self.model['num_image_tokens']} image "
+                            f"tokens) exceeds this engine's limit of {self.limits['max_prompt']}; shorten it or "
+                            "re-export with a larger --max-prompt")
+        start = _image_starts(ids, self.model["image_token_id"], self.model["num_image_tokens"])
+        positions = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1).astype(np.int64)
+        prompt_ids = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
+        return Batch(ids, mask, enc["pixel_values"].astype(np.float32), positions, start, prompt_ids)
+
+
+def _image_starts(ids: np.ndarray, image_token_id: int, n: int) -> np.ndarray:
+    is_image = ids == image_token_id
+    counts = is_image.sum(1)
+    if not (counts == n).all():
+        raise UserError(f"each prompt needs exactly one image ({n} image tokens after expansion); got {counts.tolist()}")
+    start = is_image.argmax(1)
+    runs = np.take_along_axis(is_image, start[:, None] + np.arange(n)[None], 1)
+    if not runs.all():
+        raise UserError("the image tokens of a prompt are not contiguous")
+    return start.astype(np.int64)
