@@ -119,7 +119,7 @@ def export_engine_main(argv: list[str] | None = None) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from leanvlm.models import make_tiny
 
-    path = make_tiny(args.out, seed=args.seed)
+    path = make_tiny(args.out, seed=args.seed, preset=args.preset)
     print(f"tiny LLaVA checkpoint written to {path}")
     return 0
 
@@ -151,8 +151,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from leanvlm.runtime.parity import run_parity
+
+    _quiet_transformers()
+    report = run_parity(args.engine, samples=args.samples, steps=args.steps, atol=args.atol, seed=args.seed)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        t = Table(title=f"parity: {args.engine} (onnxruntime) vs PyTorch reference, {report.samples} samples")
+        t.add_column("check")
+        t.add_column("value", justify="right")
+        t.add_column("ok")
+        mark = lambda ok: "[green]yes[/green]" if ok else "[red]NO[/red]"  # noqa: E731
+        t.add_row("last-token logits max |diff|", f"{report.logits_max_abs:.2e}", mark(report.logits_max_abs <= args.atol))
+        t.add_row("last-token logits max rel diff", f"{report.logits_max_rel:.2e}", "")
+        t.add_row("Polygraphy prefill comparison", "", mark(report.polygraphy_passed))
+        t.add_row("kept-index agreement", f"{report.kept_agreement:.1%}", mark(report.kept_agreement == 1))
+        t.add_row(f"greedy-token agreement ({report.steps} steps)", f"{report.greedy_agreement:.1%}",
+                  mark(report.greedy_agreement == 1))
+        red = report.reduced_vs_unreduced
+        if red:
+            t.add_row("reduced vs unreduced: greedy agreement", f"{red['greedy_agreement']:.1%}", "")
+            t.add_row("reduced vs unreduced: first-token logit KL", f"{red['logit_kl_mean']:.3g} (max "
+                      f"{red['logit_kl_max']:.3g})", "")
+        Console().print(t)
+    return 0 if report.passed else 1
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -166,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight LLaVA checkpoint")
     t.add_argument("out", type=Path)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--preset", default="tiny", help="tiny (tests, demo) or mid (benchmarks: 576 image tokens, "
+                   "hidden 512, 8 layers, vocab 32000)")
     t.set_defaults(func=_make_tiny)
     e = sub.add_parser("export", help="same as export-engine", add_help=False, parents=[_export_parser("leanvlm export")])
     e.set_defaults(func=_export)
@@ -179,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     _add_sampling_args(g)
     g.set_defaults(func=_generate)
+
+    q = sub.add_parser("parity", help="check an engine against the PyTorch reference of its schedule")
+    q.add_argument("engine", type=Path)
+    q.add_argument("--samples", type=int, default=4)
+    q.add_argument("--steps", type=int, default=16)
+    q.add_argument("--atol", type=float, default=1e-4)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_parity)
     return p
 
 

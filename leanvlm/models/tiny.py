@@ -33,6 +33,8 @@ left right top bottom middle center corner small large big tiny red green blue y
 circle square triangle star shape shapes colour color picture image photo scene object objects there is are
 """
 
+TOKENIZER_VOCAB = 512  # BPE merges learned from the corpus; the model's vocab_size may be larger (padded rows)
+
 TINY_DEFAULTS = dict(
     image_size=32,
     patch_size=4,  # (32/4)^2 = 64 image tokens after dropping CLS
@@ -46,6 +48,15 @@ TINY_DEFAULTS = dict(
     text_intermediate=128,
     vocab_size=512,
 )
+
+# Named configurations. "mid" is the benchmark model of the runtime issue: LLaVA-1.5's image-token count
+# (336 px / patch 14 = 576) and vocabulary size on a 512-wide, 8-layer decoder.
+PRESETS = {
+    "tiny": {},
+    "mid": dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
+                text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=8, text_intermediate=1376,
+                vocab_size=32000),
+}
 
 
 def build_tokenizer(vocab_size: int):
@@ -83,8 +94,10 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def make_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a loadable tiny LLaVA checkpoint (config, safetensors, tokenizer, processor) to `out`.
+def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides) -> Path:
+    """Write a loadable small LLaVA checkpoint (config, safetensors, tokenizer, processor) to `out`.
+
+    `preset` picks a named size (see PRESETS); keyword overrides change single fields.
 
     Written to a temporary sibling directory and moved into place when complete.
     """
@@ -95,15 +108,17 @@ def make_tiny(out: str | Path, seed: int = 0, **overrides) -> Path:
     unknown = set(overrides) - set(TINY_DEFAULTS)
     if unknown:
         raise UserError(f"make-tiny: unknown option(s) {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}")
-    p = {**TINY_DEFAULTS, **overrides}
+    if preset not in PRESETS:
+        raise UserError(f"make-tiny: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = {**TINY_DEFAULTS, **PRESETS[preset], **overrides}
     if p["image_size"] % p["patch_size"]:
         raise UserError(f"make-tiny: image_size {p['image_size']} is not a multiple of patch_size {p['patch_size']}")
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"make-tiny: {out} exists and is not empty; choose another directory or remove it")
 
-    tokenizer = build_tokenizer(p["vocab_size"])
-    vocab = len(tokenizer)
+    tokenizer = build_tokenizer(TOKENIZER_VOCAB)
+    vocab = max(len(tokenizer), p["vocab_size"])
     vision = CLIPVisionConfig(
         hidden_size=p["vision_hidden"],
         intermediate_size=p["vision_hidden"] * 4,
@@ -184,6 +199,7 @@ def _prefer_printable(model, tokenizer) -> None:
             text = tokenizer.decode([tid])
             if tid != tokenizer.eos_token_id and (not text.strip() or not text.isprintable() or "\ufffd" in text):
                 model.lm_head.weight[tid] *= 0.05
+        model.lm_head.weight[len(tokenizer):] *= 0.05  # padded vocabulary rows (no token behind them)
 
 
 def _spread_weights(model, seed: int) -> None:

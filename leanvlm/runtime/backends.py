@@ -77,7 +77,8 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: str | None = None, dtype: str | None = None,
-                 model_path: str | Path | None = None):
+                 model_path: str | Path | None = None, hf_model=None):
+        """hf_model: an already loaded LlavaForConditionalGeneration to share (no load, no hash check)."""
         import torch
 
         from leanvlm.export.manifest import config_hash
@@ -91,15 +92,16 @@ class TorchBackend:
             dtype or "float32")
         if torch_dtype is None:
             raise UserError(f"dtype {dtype!r}: use float32, float16 or bfloat16")
-        source = str(model_path or manifest["source"]["path"])
-        if not Path(source).is_dir():
-            source = manifest["source"]["model"]
-        loaded = load_model(source, dtype=torch_dtype)
-        if config_hash(loaded.model.config.to_dict()) != manifest["source"]["config_sha256"]:
-            raise EngineError(f"torch backend: checkpoint {source} is not the one this engine was exported from "
-                              "(config hash differs); pass model_path= the right checkpoint")
-        self.dtype = torch_dtype
-        self.ref = ReducedLlava(loaded.model.to(self.device), Schedule.from_dict(manifest["schedule"])).eval()
+        if hf_model is None:
+            source = str(model_path or manifest["source"]["path"])
+            if not Path(source).is_dir():
+                source = manifest["source"]["model"]
+            hf_model = load_model(source, dtype=torch_dtype).model
+            if config_hash(hf_model.config.to_dict()) != manifest["source"]["config_sha256"]:
+                raise EngineError(f"torch backend: checkpoint {source} is not the one this engine was exported "
+                                  "from (config hash differs); pass model_path= the right checkpoint")
+        self.dtype = next(hf_model.parameters()).dtype
+        self.ref = ReducedLlava(hf_model.to(self.device), Schedule.from_dict(manifest["schedule"])).eval()
         self.hidden = manifest["model"]["hidden_size"]
 
     def _t(self, x):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 from leanvlm.errors import UserError
@@ -35,7 +36,10 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
     else:
         raise UserError(f"image: expected a path, bytes or a PIL image, got {type(image).__name__}")
     try:
-        with Image.open(source) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides, below
+            img = Image.open(source)
+        with img:
             _check_pixels(img.size, max_pixels, name)  # header only: before decoding a bomb
             img.load()
             return img.convert("RGB")

@@ -21,6 +21,8 @@ from leanvlm.runtime.kv_cache import CacheGroup, KVCache
 from leanvlm.runtime.preprocess import Batch, Preprocessor
 from leanvlm.runtime.sampling import SamplingParams, make_rngs, select_tokens
 
+DEFAULT_MAX_NEW_TOKENS = 64  # capped by the engine's own limit
+
 
 @dataclass
 class GenerationResult:
@@ -143,7 +145,10 @@ class Pipeline:
             raise UserError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(known)}")
         stop = sampling.get("stop") or ()
         sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        return SamplingParams(**sampling).validate(self.manifest.limits["max_new_tokens"])
+        limit = self.manifest.limits["max_new_tokens"]
+        if sampling.get("max_new_tokens") is None:
+            sampling["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, limit)
+        return SamplingParams(**sampling).validate(limit)
 
     def _run(self, images: list, prompts: list[str], params: SamplingParams, live: bool = False):
         """Yields the live _Request list after each token when `live`, and finally the results."""

@@ -1,0 +1,185 @@
+"""`leanvlm parity`: an engine against the PyTorch reference of the same schedule, and the reduced model
+against the unreduced one.
+
+Prefill (last-token logits, present KV, kept indices) is compared with Polygraphy's Comparator: the
+ONNX Runtime runner against a torch runner on the same feeds, CompareFunc.simple with per-output
+tolerances (exact for kept indices). Greedy decoding over S steps is stateful (KV cache, token
+feedback), which Comparator's one-feed-one-result model does not cover, so it runs through two
+Pipelines (onnxruntime and torch backends) and compares token streams.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from leanvlm.export.manifest import Manifest
+
+
+@dataclass
+class ParityReport:
+    samples: int
+    steps: int
+    logits_max_abs: float
+    logits_max_rel: float
+    kept_agreement: float  # fraction of (sample, stage) kept-index sets that are equal
+    greedy_agreement: float  # fraction of generated positions equal, engine vs reference
+    polygraphy_passed: bool
+    reduced_vs_unreduced: dict = field(default_factory=dict)  # greedy agreement, logit KL
+    atol: float = 1e-4
+
+    @property
+    def passed(self) -> bool:
+        return self.polygraphy_passed and self.kept_agreement == 1.0 and self.greedy_agreement == 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def sample_requests(n: int, size: int, seed: int = 0):
+    """n deterministic test requests: random-pixel images and a rotating set of prompts."""
+    from PIL import Image
+
+    prompts = ["What is in the picture?", "Describe the image in detail.", "Is there a red circle?",
+               "How many shapes are there, and which colour is each one?"]
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return images, [prompts[i % len(prompts)] for i in range(n)]
+
+
+def unreduced_manifest(manifest: Manifest) -> Manifest:
+    """The same model with no reduction stage: one cache group with the first group's capacity."""
+    data = copy.deepcopy(manifest.data)
+    data["schedule"]["stages"] = []
+    first = data["cache_groups"][0]
+    data["cache_groups"] = [{**first, "layers": [0, data["model"]["num_layers"]]}]
+    return Manifest(manifest.directory, data)
+
+
+class TorchPrefillRunner:
+    """A Polygraphy runner for the reference prefill (built lazily so polygraphy stays optional)."""
+
+    def __new__(cls, backend, io: dict):
+        from polygraphy.backend.base import BaseRunner
+        from polygraphy.common import TensorMetadata
+
+        class _Runner(BaseRunner):
+            def __init__(self):
+                super().__init__(name="torch-reference")
+
+            def activate_impl(self):
+                pass
+
+            def deactivate_impl(self):
+                pass
+
+            def get_input_metadata_impl(self):
+                meta = TensorMetadata()
+                for i in io["inputs"]:
+                    meta.add(i["name"], np.dtype(i["dtype"]), [d if isinstance(d, int) else -1 for d in i["shape"]])
+                return meta
+
+            def infer_impl(self, feed_dict):
+                start = time.perf_counter()
+                logits, presents, kept = backend.prefill(
+                    feed_dict["inputs_embeds"], feed_dict["attention_mask"], feed_dict["position_ids"],
+                    feed_dict.get("image_start", np.zeros(feed_dict["inputs_embeds"].shape[0], np.int64)))
+                out = OrderedDict(logits=logits)
+                for i, (k, v) in enumerate(presents):
+                    out[f"present.{i}.key"] = k.float().cpu().numpy()
+                    out[f"present.{i}.value"] = v.float().cpu().numpy()
+                for s, kk in enumerate(kept):
+                    out[f"kept_indices.{s}"] = kk
+                self.inference_time = time.perf_counter() - start  # Comparator sums these
+                return out
+
+        return _Runner()
+
+
+def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4, rtol: float = 1e-3,
+               seed: int = 0) -> ParityReport:
+    """Compare the engine (onnxruntime) with the torch reference; see the module docstring."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    from leanvlm.runtime.backends import TorchBackend
+    from leanvlm.runtime.pipeline import Pipeline
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    engine = Pipeline.load(engine_dir, backend="onnxruntime")
+    manifest = engine.manifest
+    reference = Pipeline(manifest, TorchBackend(manifest, device="cpu"), engine.processor)
+    images, prompts = sample_requests(samples, max(manifest["model"]["image_size"], 32), seed)
+
+    # 1. prefill through Polygraphy: same feeds, both runners
+    prefill_io = manifest["graphs"]["prefill"]
+    declared = {i["name"] for i in prefill_io["inputs"]}
+    feeds = []
+    for img, prompt in zip(images, prompts):
+        b = engine.preprocess([img], [prompt])
+        embeds = engine.backend.embed(b.input_ids, engine.backend.vision(b.pixel_values))
+        feed = {"inputs_embeds": embeds, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
+                "image_start": b.image_start}
+        feeds.append({k: v for k, v in feed.items() if k in declared})
+    ort_runner = OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path("prefill")), providers=["cpu"]))
+    torch_runner = TorchPrefillRunner(reference.backend, prefill_io)
+    results = Comparator.run([ort_runner, torch_runner], data_loader=feeds)
+    tolerances = {o["name"]: (0.0 if o["name"].startswith("kept_indices") else atol) for o in prefill_io["outputs"]}
+    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tolerances, rtol=rtol))
+    (_, ort_iters), (_, ref_iters) = list(results.items())
+    max_abs = max_rel = 0.0
+    kept_same = kept_total = 0
+    for a, b in zip(ort_iters, ref_iters):
+        diff = np.abs(a["logits"].astype(np.float64) - b["logits"])
+        max_abs = max(max_abs, float(diff.max()))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(b["logits"]), 1e-6)).max()))
+        for name in a.keys():
+            if name.startswith("kept_indices"):
+                kept_total += 1
+                kept_same += int(np.array_equal(a[name], b[name]))
+
+    # 2. greedy decoding, engine vs reference, over `steps`
+    kw = dict(max_new_tokens=min(steps, manifest.limits["max_new_tokens"]), ignore_eos=True)
+    eng = engine.generate(images=images, prompts=prompts, **kw)
+    ref = reference.generate(images=images, prompts=prompts, **kw)
+    same = sum(x == y for e, r in zip(eng, ref) for x, y in zip(e.token_ids, r.token_ids))
+    total = sum(len(r.token_ids) for r in ref)
+
+    # 3. reduced vs unreduced reference (same weights): what the schedule costs
+    reduction = {}
+    if manifest["schedule"]["stages"]:
+        full_manifest = unreduced_manifest(manifest)
+        full = Pipeline(full_manifest, TorchBackend(full_manifest, hf_model=reference.backend.ref.hf), engine.processor)
+        unr = full.generate(images=images, prompts=prompts, **kw)
+        agree = sum(x == y for u, r in zip(unr, ref) for x, y in zip(u.token_ids, r.token_ids))
+        kls = []
+        for img, prompt in zip(images, prompts):
+            lr = _first_logits(reference, img, prompt)
+            lf = _first_logits(full, img, prompt)
+            kls.append(_kl(lf, lr))
+        reduction = {"greedy_agreement": agree / max(total, 1), "logit_kl_mean": float(np.mean(kls)),
+                     "logit_kl_max": float(np.max(kls))}
+    return ParityReport(samples, kw["max_new_tokens"], max_abs, max_rel,
+                        kept_same / kept_total if kept_total else 1.0, same / max(total, 1), bool(accuracy),
+                        reduction, atol)
+
+
+def _first_logits(pipe, image, prompt) -> np.ndarray:
+    b = pipe.preprocess([image], [prompt])
+    be = pipe.backend
+    embeds = be.embed(b.input_ids, be.vision(b.pixel_values))
+    return be.prefill(embeds, b.attention_mask, b.position_ids, b.image_start)[0][0].astype(np.float64)
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """KL(P || Q) of the softmax distributions (P: unreduced, Q: reduced)."""
+    lp = p_logits - p_logits.max()
+    lp -= np.log(np.exp(lp).sum())
+    lq = q_logits - q_logits.max()
+    lq -= np.log(np.exp(lq).sum())
+    return float((np.exp(lp) * (lp - lq)).sum())
