@@ -184,6 +184,54 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from leanvlm.runtime.bench import bench_engine, compare
+
+    kw = dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+              warmup=args.warmup)
+    for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len), ("--new-tokens", args.new_tokens),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+    console = Console(stderr=True, log_path=False)
+    console.log(f"benchmarking {args.engine} ({args.backend})")
+    report = {"engine": bench_engine(args.engine, backend=args.backend, **kw)}
+    if args.baseline:
+        console.log(f"benchmarking baseline {args.baseline} ({args.baseline_backend or args.backend})")
+        report["baseline"] = bench_engine(args.baseline, backend=args.baseline_backend or args.backend, **kw)
+        report["ratios"] = compare(report["engine"], report["baseline"])
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    t = Table(title=f"batch {args.batch}, {report['engine']['prompt_tokens']} prompt tokens "
+                    f"({report['engine']['image_tokens']} image), {args.new_tokens} new tokens, "
+                    f"median \\[p25-p75] of {args.repeats}")
+    t.add_column("metric")
+    cols = [k for k in ("engine", "baseline") if k in report]
+    for k in cols:
+        t.add_column(f"{k}: {Path(report[k]['engine']).name} ({report[k]['backend']})", justify="right")
+    ms = lambda s: f"{s['median'] * 1e3:.1f} ms [{s['p25'] * 1e3:.1f}-{s['p75'] * 1e3:.1f}]"  # noqa: E731
+    t.add_row("prefill latency", *[ms(report[k]["prefill_s"]) for k in cols])
+    t.add_row("time to first token", *[ms(report[k]["ttft_s"]) for k in cols])
+    t.add_row("decode tokens/s", *[f"{report[k]['decode_tokens_per_s']['median']:.1f}" for k in cols])
+    t.add_row("peak RSS", *[_human(report[k]["peak_rss_bytes"]) for k in cols])
+    t.add_row("KV cache (used)", *[_human(report[k]["kv_cache"]["used_bytes"]) for k in cols])
+    t.add_row("theoretical prefill FLOPs vs unreduced",
+              *[f"{report[k]['theoretical_prefill_flops_ratio']:.3f}" for k in cols])
+    Console().print(t)
+    if "ratios" in report:
+        r = report["ratios"]
+        Console().print(f"prefill speed-up {r['prefill_speedup']:.2f}x (theoretical {r['theoretical_prefill_speedup']:.2f}x,"
+                        f" {r['fraction_of_theoretical']:.0%} of it); TTFT {r['ttft_speedup']:.2f}x; decode tokens/s "
+                        f"{r['decode_tokens_per_s_ratio']:.2f}x; KV bytes {r['kv_bytes_ratio']:.2f}x")
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -223,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_parity)
+
+    b = sub.add_parser("bench", help="latency and memory of an engine, optionally against a baseline")
+    b.add_argument("engine", type=Path)
+    b.add_argument("--baseline", type=Path, help="engine to compare against (e.g. the --keep 1 export)")
+    b.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    b.add_argument("--baseline-backend", choices=("onnxruntime", "torch"), help="default: --backend")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=70, help="text tokens around the image (default 70)")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bench)
     return p
 
 

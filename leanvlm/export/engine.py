@@ -183,6 +183,7 @@ def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, e
             "num_kv_heads": ref.num_kv_heads,
             "head_dim": ref.head_dim,
             "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
             "vocab_size": text.vocab_size,
             "dtype": "float32",
             "eos_token_id": text.eos_token_id,

@@ -1,0 +1,134 @@
+"""`leanvlm bench`: latency and memory of an engine, optionally against a baseline engine.
+
+Each engine runs in its own subprocess: peak RSS is then that engine's alone, and no live ONNX Runtime
+thread pool skews the other's timings (on 2 cores it would). Each measurement is a full generate()
+after warm-up runs; the report gives the median and spread (p25-p75, min-max) of prefill latency,
+time to first token and decode tokens/s, with peak RSS and KV-cache bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from leanvlm.errors import UserError
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, which belongs to the process's own address space;
+    ru_maxrss would carry the parent's peak across fork+exec and report the exporter's memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "p25": float(np.percentile(a, 25)), "p75": float(np.percentile(a, 75)),
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def _prompt_with_text_tokens(pipe, text_tokens: int) -> tuple[str, int]:
+    """A user prompt whose templated, tokenized form has about `text_tokens` tokens besides the image
+    tokens; returns it and the exact count."""
+    tok = pipe.tokenizer
+    n_img = pipe.manifest["model"]["num_image_tokens"]
+    filler = tok("the red circle is left of a small blue square near the top corner " * 200,
+                 add_special_tokens=False)["input_ids"]
+    image = _image(pipe)
+
+    def count(k: int) -> int:
+        return len(pipe.preprocess([image], [tok.decode(filler[:k])]).prompt_token_ids[0]) - n_img
+
+    k = max(1, text_tokens - (count(1) - 1))
+    while k > 1 and count(k) > text_tokens:
+        k -= 1
+    return tok.decode(filler[:k]), count(k)
+
+
+def _image(pipe):
+    from PIL import Image
+
+    size = pipe.manifest["model"]["image_size"]
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, prompt_len: int = 70,
+                     new_tokens: int = 32, repeats: int = 5, warmup: int = 2, threads: int | None = None) -> dict:
+    """Measure one engine in this process (use `bench_engine` for a clean subprocess)."""
+    from leanvlm.reduction.flops import prefill_flops_ratio
+    from leanvlm.reduction.schedule import Schedule
+    from leanvlm.runtime import Pipeline
+
+    options = {"threads": threads} if backend == "onnxruntime" and threads else {}
+    if backend == "torch":
+        options["device"] = os.environ.get("LEANVLM_BENCH_DEVICE")
+        options["dtype"] = os.environ.get("LEANVLM_BENCH_DTYPE")
+    pipe = Pipeline.load(engine, backend=backend, **options)
+    if batch > pipe.manifest.limits["max_batch"]:
+        raise UserError(f"--batch {batch} exceeds the engine's max batch {pipe.manifest.limits['max_batch']}")
+    prompt, text_tokens = _prompt_with_text_tokens(pipe, prompt_len)
+    images, prompts = [_image(pipe)] * batch, [prompt] * batch
+    kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
+    for _ in range(warmup):
+        pipe.generate(images=images, prompts=prompts, **kw)
+    runs = [pipe.generate(images=images, prompts=prompts, **kw)[0] for _ in range(repeats)]
+    m = pipe.manifest["model"]
+    schedule = Schedule.from_dict(pipe.manifest["schedule"])
+    flops = prefill_flops_ratio(schedule, text_tokens, m["hidden_size"], m["intermediate_size"],
+                                m["num_kv_heads"] / m["num_heads"])
+    return {
+        "engine": str(engine), "backend": backend, "device": getattr(pipe.backend, "device", "cpu").__str__(),
+        "batch": batch, "text_tokens": text_tokens, "image_tokens": m["num_image_tokens"],
+        "prompt_tokens": text_tokens + m["num_image_tokens"], "new_tokens": new_tokens,
+        "schedule": pipe.manifest["schedule"]["stages"], "theoretical_prefill_flops_ratio": flops,
+        "prefill_s": _stats([r.timings["prefill_s"] for r in runs]),
+        "ttft_s": _stats([r.timings["ttft_s"] for r in runs]),
+        "decode_tokens_per_s": _stats([r.timings["decode_tokens_per_s"] for r in runs]),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "kv_cache": runs[-1].kv_cache,
+    }
+
+
+def bench_engine(engine: str | Path, **kwargs) -> dict:
+    """`bench_in_process` in a fresh Python process; returns its JSON report."""
+    cmd = [sys.executable, "-m", "leanvlm.runtime.bench", json.dumps({"engine": str(engine), **kwargs})]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"benchmark of {engine} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(engine: dict, baseline: dict) -> dict:
+    """Ratios of an engine against its baseline; prefill speed-up next to the theoretical FLOPs bound."""
+    speedup = baseline["prefill_s"]["median"] / engine["prefill_s"]["median"]
+    ideal = baseline["theoretical_prefill_flops_ratio"] / engine["theoretical_prefill_flops_ratio"]
+    return {
+        "prefill_speedup": speedup,
+        "theoretical_prefill_speedup": ideal,
+        "fraction_of_theoretical": speedup / ideal,
+        "ttft_speedup": baseline["ttft_s"]["median"] / engine["ttft_s"]["median"],
+        "decode_tokens_per_s_ratio": engine["decode_tokens_per_s"]["median"] / baseline["decode_tokens_per_s"]["median"],
+        "kv_bytes_ratio": engine["kv_cache"]["used_bytes"] / baseline["kv_cache"]["used_bytes"],
+        "peak_rss_ratio": engine["peak_rss_bytes"] / baseline["peak_rss_bytes"],
+    }
+
+
+if __name__ == "__main__":
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    print(json.dumps(bench_in_process(**json.loads(sys.argv[1]))))

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Render benchmarks/README.md from the committed JSON results (python tools/render_benchmarks.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def ms(s: dict) -> str:
+    return f"{s['median'] * 1e3:.1f} ({s['p25'] * 1e3:.1f}-{s['p75'] * 1e3:.1f})"
+
+
+def main() -> None:
+    rt = json.loads((BENCH / "runtime-cpu.json").read_text())
+    ex = json.loads((BENCH / "export.json").read_text())
+    m = rt["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every file here was made by `python tools/run_benchmarks.py` (this page by "
+        "`python tools/render_benchmarks.py`). Each engine is measured in its own process after "
+        f"{rt['settings']['warmup']} warm-up runs; numbers are the median (p25-p75) of "
+        f"{rt['settings']['repeats']} full `generate()` calls.",
+        "",
+        f"Machine: {m['cores']} CPU cores ({m['cpu']}), Python {m['python']}, torch {m['torch']}, "
+        f"onnxruntime {m['onnxruntime']}. No GPU was available for these runs.",
+        "",
+        "## Runtime, CPU (`runtime-cpu.json`)",
+        "",
+        f"Model: {rt['config']}. Batch {rt['settings']['batch']}, "
+        f"{next(iter(rt['runs'].values()))['prompt_tokens']} prompt tokens "
+        f"({next(iter(rt['runs'].values()))['image_tokens']} image + "
+        f"{next(iter(rt['runs'].values()))['text_tokens']} text), {rt['settings']['new_tokens']} new tokens.",
+        "",
+        "| engine / backend | prefill ms | TTFT ms | decode tok/s | peak RSS MiB | KV cache KiB | theoretical prefill FLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rt["runs"].items():
+        lines.append(f"| {name} | {ms(r['prefill_s'])} | {ms(r['ttft_s'])} | "
+                     f"{r['decode_tokens_per_s']['median']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{r['kv_cache']['used_bytes'] / 1024:.0f} | {r['theoretical_prefill_flops_ratio']:.3f} |")
+    lines += ["", "| comparison | prefill speed-up | theoretical | fraction of theoretical | TTFT speed-up | "
+              "decode tok/s ratio | KV bytes ratio |", "|---|---|---|---|---|---|---|"]
+    for name, c in rt["comparisons"].items():
+        lines.append(f"| {name} | {c['prefill_speedup']:.2f}x | {c['theoretical_prefill_speedup']:.2f}x | "
+                     f"{c['fraction_of_theoretical']:.0%} | {c['ttft_speedup']:.2f}x | "
+                     f"{c['decode_tokens_per_s_ratio']:.2f}x | {c['kv_bytes_ratio']:.2f} |")
+    lines += ["", "## Export (`export.json`)", "",
+              "| model | keep | export s | vision MiB | embed MiB | prefill MiB | decode MiB | prefill nodes | "
+              "max diff vs PyTorch |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in ex["exports"]:
+        g = e["graph_bytes"]
+        lines.append(f"| {Path(e['model']).name} | {e['keep']} | {e['seconds']} | {g['vision'] / 2**20:.2f} | "
+                     f"{g['embed'] / 2**20:.2f} | {g['prefill'] / 2**20:.2f} | {g['decode'] / 2**20:.2f} | "
+                     f"{e['prefill_nodes']} | {max(e['max_abs_diff_vs_reference'].values()):.1e} |")
+    ops = ex["exports"][1]["prefill_ops"]
+    lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
+              ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
+    (BENCH / "README.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
