@@ -11,22 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from leanvlm.errors import UserError
+from leanvlm.models import layout
 from leanvlm.reduction import select
 from leanvlm.reduction.schedule import Schedule
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 class ReducedLlava(nn.Module):
@@ -168,12 +158,12 @@ class ReducedLlava(nn.Module):
         k = attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         c, s = cos[:, None], sin[:, None]
-        q = q * c + _rotate_half(q) * s
-        k = k * c + _rotate_half(k) * s
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
         k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
         v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
         n_rep = self.num_heads // self.num_kv_heads
-        kr, vr = _repeat_kv(k_all, n_rep), _repeat_kv(v_all, n_rep)
+        kr, vr = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
         o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=attn.scaling)
         scores = None
         if want_score:
@@ -205,22 +195,11 @@ def num_image_tokens(config) -> int:
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded prompt, as Hugging Face generate makes them (pads get 1)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
+    """Torch form of `leanvlm.models.layout.prompt_positions`."""
+    return torch.from_numpy(layout.prompt_positions(attention_mask.cpu().numpy())).to(attention_mask.device)
 
 
 def image_starts(input_ids: torch.Tensor, image_token_id: int, num_image_tokens: int) -> torch.Tensor:
-    """Index of the first `<image>` token per row; checks there is exactly one contiguous run of N."""
-    is_image = input_ids == image_token_id
-    counts = is_image.sum(1)
-    if not bool((counts == num_image_tokens).all()):
-        raise UserError(
-            f"each prompt needs exactly one image ({num_image_tokens} <image> tokens after expansion); "
-            f"got {counts.tolist()}"
-        )
-    start = is_image.long().argmax(1)
-    idx = start[:, None] + torch.arange(num_image_tokens, device=input_ids.device)[None]
-    if not bool(torch.gather(is_image, 1, idx).all()):
-        raise UserError("the <image> tokens of a prompt are not contiguous; put one <image> placeholder per prompt")
-    return start
+    """Torch form of `leanvlm.models.layout.image_starts`."""
+    start = layout.image_starts(input_ids.cpu().numpy(), image_token_id, num_image_tokens)
+    return torch.from_numpy(start).to(input_ids.device)

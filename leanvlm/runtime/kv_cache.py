@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leanvlm.errors import UserError
+from leanvlm.errors import EngineError, UserError
 
 
 @dataclass
@@ -54,7 +54,8 @@ class KVCache:
             g = self.layer_group[i]
             n = k.shape[2]
             if n != self.prompt_lengths[g]:
-                raise RuntimeError(f"layer {i}: prefill returned {n} entries, group {g} expects {self.prompt_lengths[g]}")
+                raise EngineError(f"layer {i}: the prefill graph returned {n} KV entries where the manifest's cache "
+                                  f"group {g} implies {self.prompt_lengths[g]}; graph and manifest do not match")
             self.keys[i][:, :, :n] = k
             self.values[i][:, :, :n] = v
         for g, n in enumerate(self.prompt_lengths):

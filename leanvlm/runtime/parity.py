@@ -2,7 +2,7 @@
 against the unreduced one.
 
 Prefill (last-token logits, present KV, kept indices) is compared with Polygraphy's Comparator: the
-ONNX Runtime runner against a torch runner on the same feeds, CompareFunc.simple with per-output
+ONNX Runtime runner against a torch runner on the same feeds, SimpleCompareFunc with per-output
 tolerances (exact for kept indices). Greedy decoding over S steps is stateful (KV cache, token
 feedback), which Comparator's one-feed-one-result model does not cover, so it runs through two
 Pipelines (onnxruntime and torch backends) and compares token streams.
@@ -104,7 +104,7 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
                seed: int = 0) -> ParityReport:
     """Compare the engine (onnxruntime) with the torch reference; see the module docstring."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     from leanvlm.runtime.backends import TorchBackend
@@ -130,7 +130,7 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
     torch_runner = TorchPrefillRunner(reference.backend, prefill_io)
     results = Comparator.run([ort_runner, torch_runner], data_loader=feeds)
     tolerances = {o["name"]: (0.0 if o["name"].startswith("kept_indices") else atol) for o in prefill_io["outputs"]}
-    accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tolerances, rtol=rtol))
+    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerances, rtol=rtol))
     (_, ort_iters), (_, ref_iters) = list(results.items())
     max_abs = max_rel = 0.0
     kept_same = kept_total = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from leanvlm.errors import UserError
+from leanvlm.models import layout
 from leanvlm.runtime.images import DEFAULT_MAX_PIXELS, load_image
 
 IMAGE_TOKEN = "<image>"
@@ -67,19 +68,7 @@ class Preprocessor:
             raise UserError(f"prompt {worst}: {int(lengths[worst])} tokens (with {self.model['num_image_tokens']} image "
                             f"tokens) exceeds this engine's limit of {self.limits['max_prompt']}; shorten it or "
                             "re-export with a larger --max-prompt")
-        start = _image_starts(ids, self.model["image_token_id"], self.model["num_image_tokens"])
-        positions = np.where(mask == 0, 1, np.cumsum(mask, 1) - 1).astype(np.int64)
+        start = layout.image_starts(ids, self.model["image_token_id"], self.model["num_image_tokens"])
+        positions = layout.prompt_positions(mask)
         prompt_ids = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
         return Batch(ids, mask, enc["pixel_values"].astype(np.float32), positions, start, prompt_ids)
-
-
-def _image_starts(ids: np.ndarray, image_token_id: int, n: int) -> np.ndarray:
-    is_image = ids == image_token_id
-    counts = is_image.sum(1)
-    if not (counts == n).all():
-        raise UserError(f"each prompt needs exactly one image ({n} image tokens after expansion); got {counts.tolist()}")
-    start = is_image.argmax(1)
-    runs = np.take_along_axis(is_image, start[:, None] + np.arange(n)[None], 1)
-    if not runs.all():
-        raise UserError("the image tokens of a prompt are not contiguous")
-    return start.astype(np.int64)
