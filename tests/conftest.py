@@ -60,6 +60,16 @@ def engines(tmp_path_factory, tiny_dir):
     return export
 
 
+@pytest.fixture
+def engine_copy(engines, tmp_path) -> Path:
+    """A private copy of the keep-0.33 engine, for tests that damage it."""
+    import shutil
+
+    dst = tmp_path / "engine"
+    shutil.copytree(engines(0.33).out, dst)
+    return dst
+
+
 def images(n: int, size: int = 40, seed: int = 0):
     """n random RGB PIL images (distinct content so selections differ per sample)."""
     from PIL import Image

@@ -2,7 +2,6 @@
 
 import onnx
 import pytest
-import torch
 
 from leanvlm.engines.trt_lint import lint_onnx, topk_ks
 from leanvlm.export.verify import check_engine, load_sessions

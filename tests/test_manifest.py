@@ -1,17 +1,9 @@
 import json
-import shutil
 
 import pytest
 
 from leanvlm.errors import EngineError
 from leanvlm.export.manifest import MANIFEST_NAME, SCHEMA_VERSION, load_manifest, sha256_file
-
-
-@pytest.fixture
-def engine_copy(engines, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(engines(0.33).out, dst)
-    return dst
 
 
 def test_manifest_describes_the_export(engines):

@@ -3,7 +3,6 @@ streaming and sampling."""
 
 import threading
 
-import numpy as np
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 
 import io
 import json
-import shutil
 
 import pytest
 from PIL import Image
@@ -94,13 +93,6 @@ def test_templated_prompt_is_used_as_is(pipe):
     plain = pipe.generate(image=img, prompt="Hi", max_new_tokens=6)
     templated = pipe.generate(image=img, prompt="USER: <image>\nHi ASSISTANT:", max_new_tokens=6)
     assert plain.prompt_token_ids == templated.prompt_token_ids and plain.token_ids == templated.token_ids
-
-
-@pytest.fixture
-def engine_copy(engines, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(engines(0.33).out, dst)
-    return dst
 
 
 def test_tampered_engine_refused(engine_copy):
