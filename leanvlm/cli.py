@@ -30,11 +30,17 @@ def _run(fn, *args) -> int:
 
 # ---- export-engine ---------------------------------------------------------------------------
 def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Export a LLaVA checkpoint with FastV token reduction baked into ONNX graphs.")
+    p = _Parser(prog=prog, description="Export a LLaVA checkpoint with visual-token reduction baked into ONNX graphs.")
     p.add_argument("--model", required=True,
                    help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
-    p.add_argument("--keep", type=float, required=True, help="fraction of image tokens kept, in (0, 1]; 1 = unreduced")
-    p.add_argument("--layer", type=int, default=2, help="decoder layer K at whose input tokens are dropped (default 2)")
+    p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
+                   "1 = unreduced (required unless --schedule)")
+    p.add_argument("--method", choices=("fastv", "pdrop"), default="fastv",
+                   help="reduction preset (default fastv): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
+                        "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep")
+    p.add_argument("--layer", type=int, default=2, help="fastv: decoder layer K at whose input tokens are dropped "
+                   "(default 2)")
+    p.add_argument("--schedule", type=Path, help="YAML/JSON schedule file instead of --method/--keep")
     p.add_argument("--out", type=Path, help="output directory (default out/<model>-keep<R>)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; TensorRT 10.3 parses up to 20)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime accepts (default 8)")
@@ -54,7 +60,8 @@ def _export(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     console = Console(stderr=True, log_path=False)
-    opts = ExportOptions(model=args.model, keep=args.keep, layer=args.layer, out=args.out, opset=args.opset,
+    opts = ExportOptions(model=args.model, keep=args.keep, layer=args.layer, method=args.method,
+                         schedule=args.schedule, out=args.out, opset=args.opset,
                          max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
                          force=args.force, exporter=args.exporter)
     with console.status("exporting") as status:

@@ -28,8 +28,10 @@ class ExportOptions:
     """Everything `export-engine` takes. Limits bound the runtime's shapes and KV-cache capacity."""
 
     model: str
-    keep: float
-    layer: int = 2
+    keep: float | None = None  # fraction of image tokens reaching the last stage; None with a schedule file
+    layer: int = 2  # FastV's layer K
+    method: str = "fastv"  # preset: fastv | pdrop
+    schedule: Path | None = None  # a YAML/JSON schedule file instead of a preset
     out: Path | None = None
     opset: int = 18
     max_batch: int = 8
@@ -55,8 +57,19 @@ def validate_options(opts: ExportOptions) -> Path:
     """Check everything that needs no model; returns the output directory. Raises UserError."""
     from leanvlm.export.onnx_export import EXPORTERS, SUPPORTED_OPSETS
 
-    if isinstance(opts.keep, bool) or not isinstance(opts.keep, (int, float)) or not 0.0 < opts.keep <= 1.0:
+    if opts.schedule is not None:
+        if opts.keep is not None:
+            raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
+        if not Path(opts.schedule).is_file():
+            raise UserError(f"--schedule {opts.schedule}: no such file")
+    elif opts.keep is None:
+        raise UserError("--keep is required (or give a --schedule file)")
+    elif isinstance(opts.keep, bool) or not isinstance(opts.keep, (int, float)) or not 0.0 < opts.keep <= 1.0:
         raise UserError(f"--keep {opts.keep}: must be in (0, 1] (the fraction of image tokens kept)")
+    from leanvlm.reduction.schedule import METHODS
+
+    if opts.method not in METHODS:
+        raise UserError(f"--method {opts.method}: choose one of {', '.join(METHODS)}")
     if opts.opset not in SUPPORTED_OPSETS:
         raise UserError(f"--opset {opts.opset}: use {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
                         "(TensorRT 10.3 parses up to 20; 23 adds fused ops it rejects)")
@@ -104,7 +117,10 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     text = cfg.text_config
     n_img = num_image_tokens(cfg)
     # The schedule (and its errors) needs only the config: fail before loading weights.
-    schedule = Schedule.fastv(text.num_hidden_layers, n_img, opts.keep, opts.layer)
+    if opts.schedule is not None:
+        schedule = Schedule.from_file(opts.schedule, text.num_hidden_layers, n_img)
+    else:
+        schedule = Schedule.preset(opts.method, text.num_hidden_layers, n_img, opts.keep, opts.layer)
     max_prompt = opts.max_prompt or n_img + 512
     if max_prompt <= n_img:
         raise UserError(f"--max-prompt {max_prompt}: must exceed the {n_img} image tokens of this model")
@@ -189,8 +205,8 @@ def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, e
             "eos_token_id": text.eos_token_id,
             "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else text.pad_token_id,
         },
-        "schedule": {**schedule.to_dict(), "method": "fastv" if schedule.stages else "none",
-                     "keep": opts.keep, "prefill_flops_ratio": flops, "flops_text_tokens": DEFAULT_TEXT_TOKENS},
+        "schedule": {**schedule.to_dict(), "keep": opts.keep, "prefill_flops_ratio": flops,
+                     "flops_text_tokens": DEFAULT_TEXT_TOKENS},
         "graphs": graphs,
         "limits": {"max_batch": opts.max_batch, "max_prompt": max_prompt, "max_new_tokens": opts.max_new_tokens},
         "cache_groups": groups,
@@ -221,6 +237,6 @@ def _existing_parent(path: Path) -> Path:
     return p
 
 
-def _slug(model: str, keep: float) -> str:
+def _slug(model: str, keep: float | None) -> str:
     name = Path(model).name or "model"
-    return f"{name}-keep{keep:g}"
+    return f"{name}-keep{keep:g}" if keep is not None else f"{name}-schedule"

@@ -50,3 +50,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return torch.gather(x, 1, index)
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def renumber_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous position ids of a (reduced) left-padded sequence, pads at 1 (PyramidDrop's renumbering).
+
+    float32 CumSum for TensorRT (its CumSum takes float only); lengths < 2^24 are exact.
+    """
+    m = attention_mask.to(torch.float32)
+    pos = (torch.cumsum(m, dim=1) - 1.0).to(torch.int64)
+    return torch.where(attention_mask > 0, pos, torch.ones_like(pos))

@@ -107,19 +107,26 @@ class ReducedLlava(nn.Module):
         cos, sin = self.lm.rotary_emb(h, position_ids)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
         kept_all: list[torch.Tensor] = []
+        original = None  # [B, n_image]: original image-token index of each current image token
         scores = None
         for i, layer in enumerate(self.lm.layers):
             stage = self.schedule.stage_at(i)
             if stage is not None:
-                kept = select.select_top(select.image_scores(scores, image_start, n_image), stage.num_keep)
-                index = select.keep_index(image_start, kept, seq_len, n_image)
+                if stage.score_at == "current":  # PyramidDrop: this layer's own q (last token) and k
+                    scores = self._last_token_scores(layer, h, cos, sin, mask)
+                local = select.select_top(select.image_scores(scores, image_start, n_image), stage.num_keep)
+                original = local if original is None else torch.gather(original, 1, local)
+                index = select.keep_index(image_start, local, seq_len, n_image)
                 h = select.gather_tokens(h, index)
-                position_ids = select.gather_tokens(position_ids, index)
                 attention_mask = select.gather_tokens(attention_mask, index)
+                if stage.positions == "renumber":
+                    position_ids = select.renumber_positions(attention_mask)
+                else:
+                    position_ids = select.gather_tokens(position_ids, index)
                 mask = self._prefill_mask(attention_mask, h.dtype)
                 cos, sin = self.lm.rotary_emb(h, position_ids)
                 seq_len, n_image = h.shape[1], stage.num_keep
-                kept_all.append(kept)
+                kept_all.append(original)
             want_score = self.schedule.scores_at(i) is not None
             h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, want_score)
             presents.append((k, v))
@@ -150,16 +157,30 @@ class ReducedLlava(nn.Module):
         return logits, new_kv
 
     # ---- internals -------------------------------------------------------------------------
+    def _project(self, proj, x, cos, sin, heads):
+        """x [B, T, D] -> [B, heads, T, d], rotated by RoPE when cos/sin are given."""
+        b, t, _ = x.shape
+        y = proj(x).view(b, t, heads, self.head_dim).transpose(1, 2)
+        if cos is None:
+            return y
+        c, s = cos[:, None], sin[:, None]
+        return y * c + rotate_half(y) * s
+
+    def _last_token_scores(self, layer, h, cos, sin, mask):
+        """Head-mean attention of the last token over all keys, from `layer`'s own projections of h."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = self._project(attn.q_proj, x[:, -1:], cos[:, -1:], sin[:, -1:], self.num_heads)
+        k = repeat_kv(self._project(attn.k_proj, x, cos, sin, self.num_kv_heads), self.num_heads // self.num_kv_heads)
+        return select.last_query_scores(q, k, mask[:, :, -1:], attn.scaling)
+
     def _layer(self, layer, h, cos, sin, mask, past_k, past_v, want_score):
         attn = layer.self_attn
         b, t, _ = h.shape
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        c, s = cos[:, None], sin[:, None]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        q = self._project(attn.q_proj, x, cos, sin, self.num_heads)
+        k = self._project(attn.k_proj, x, cos, sin, self.num_kv_heads)
+        v = self._project(attn.v_proj, x, None, None, self.num_kv_heads)
         k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
         v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
         n_rep = self.num_heads // self.num_kv_heads

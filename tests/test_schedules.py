@@ -1,0 +1,147 @@
+"""Multi-stage schedules: PyramidDrop preset, schedule files, and their parity through export and runtime."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import PROMPTS, chat, images
+from leanvlm import Pipeline
+from leanvlm.cli import export_engine_main
+from leanvlm.errors import UserError
+from leanvlm.export.verify import check_engine, load_sessions
+from leanvlm.reduction import select
+from leanvlm.reduction.schedule import Schedule
+from leanvlm.reference import ReducedLlava
+from leanvlm.reference.model import image_starts, prompt_positions
+
+
+def test_pdrop_preset_is_the_papers_llava_schedule():
+    s = Schedule.pdrop(32, 576, 0.125)
+    assert [(st.layer, st.num_keep) for st in s.stages] == [(8, 288), (16, 144), (24, 72)]
+    assert all(st.score_at == "current" and st.positions == "renumber" for st in s.stages)
+    assert s.groups == [(0, 8, 576), (8, 16, 288), (16, 24, 144), (24, 32, 72)]
+    scaled = Schedule.pdrop(32, 576, 0.33)
+    assert [st.num_keep for st in scaled.stages] == [round(576 * 0.33 ** (j / 3)) for j in (1, 2, 3)]
+
+
+def test_renumber_positions_are_contiguous_after_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert select.renumber_positions(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_pdrop_first_stage_matches_hf_eager_attention_of_that_layer(tiny_dir, processor):
+    """score_at current: the ranking is the drop layer's own attention (last row, head mean) over its input."""
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    enc = processor(images=images(3), text=[chat(processor, p) for p in PROMPTS], return_tensors="pt", padding=True)
+    schedule = Schedule(4, 64, (Schedule.pdrop(4, 64, 0.125).stages[0],), "pdrop")
+    ref = ReducedLlava(eager, schedule)
+    pos = prompt_positions(enc["attention_mask"])
+    start = image_starts(enc["input_ids"], ref.image_token_id, 64)
+    with torch.no_grad():
+        embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"]))
+        _, _, (kept,) = ref.prefill(embeds, enc["attention_mask"], pos, start)
+        att = eager(**enc, position_ids=pos, output_attentions=True).attentions[1]
+    clear = 0
+    for b in range(3):
+        scores = att[b, :, -1].mean(0)[start[b]: start[b] + 64]
+        order = scores.sort(descending=True).values
+        if order[31] - order[32] > 1e-6:
+            assert set(kept[b].tolist()) == set(scores.topk(32).indices.tolist())
+            clear += 1
+    assert clear >= 2
+
+
+@pytest.fixture(scope="module")
+def pdrop_engine(engines):
+    return engines(0.125, method="pdrop")
+
+
+@pytest.mark.parametrize("text_lens", [[7], [5, 12, 9]])
+def test_pdrop_graphs_match_reference(pdrop_engine, hf_model, text_lens):
+    ref = ReducedLlava(hf_model, Schedule.pdrop(4, 64, 0.125))
+    checks = check_engine(ref, load_sessions(pdrop_engine.out), text_lens, seed=11)
+    assert all(c.worst < 1e-4 and c.kept_equal for c in checks)
+    prefill = next(c for c in checks if c.graph == "prefill")
+    seq = max(text_lens) + 64
+    assert [prefill.shapes[f"present.{i}.key"][2] for i in range(4)] == [seq, seq - 32, seq - 48, seq - 56]
+    assert [prefill.shapes[f"kept_indices.{s}"][1] for s in range(3)] == [32, 16, 8]
+
+
+def test_pdrop_runtime_matches_torch_and_nests_kept(pdrop_engine):
+    imgs = images(3)
+    a = Pipeline.load(pdrop_engine.out).generate(images=imgs, prompts=PROMPTS, max_new_tokens=32, ignore_eos=True)
+    b = Pipeline.load(pdrop_engine.out, backend="torch").generate(images=imgs, prompts=PROMPTS, max_new_tokens=32,
+                                                                   ignore_eos=True)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.kept == y.kept
+        assert [len(k) for k in x.kept] == [32, 16, 8]
+        assert set(x.kept[2]) <= set(x.kept[1]) <= set(x.kept[0])  # later stages choose among survivors
+    seq = max(len(r.prompt_token_ids) for r in a)
+    assert a[0].kv_cache["lengths"] == [seq + 31, seq - 32 + 31, seq - 48 + 31, seq - 56 + 31]
+
+
+def test_schedule_file_mixed_stages(tmp_path, tiny_dir, hf_model):
+    path = tmp_path / "s.yaml"
+    path.write_text("stages:\n  - {layer: 1, keep: 0.5}\n  - {layer: 3, keep: 12, score_at: current, positions: renumber}\n")
+    out = tmp_path / "eng"
+    assert export_engine_main(["--model", str(tiny_dir), "--schedule", str(path), "--out", str(out)]) == 0
+    m = json.loads((out / "leanvlm.json").read_text())
+    stages = m["schedule"]["stages"]
+    assert [(s["layer"], s["num_keep"], s["score_at"], s["positions"]) for s in stages] == [
+        (1, 32, "previous", "keep"), (3, 12, "current", "renumber")]
+    assert m["schedule"]["method"] == "file"
+    ref = ReducedLlava(hf_model, Schedule.from_dict(m["schedule"]))
+    assert all(c.worst < 1e-4 and c.kept_equal for c in check_engine(ref, load_sessions(out), [6, 10, 3]))
+
+
+def test_json_schedule_file(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"stages": [{"layer": 2, "keep": 0.25}]}))
+    s = Schedule.from_file(path, 4, 64)
+    assert s.stages[0].num_keep == 16 and s.stages[0].score_at == "previous"
+
+
+BAD_SCHEDULES = {
+    "increasing": ("stages:\n  - {layer: 1, keep: 0.25}\n  - {layer: 2, keep: 0.5}\n", r"stage 1 \(layer 2\).*increase"),
+    "keeps zero": ("stages:\n  - {layer: 1, keep: 0.001}\n", r"stage 0 \(layer 1\).*rounds to 0"),
+    "no such layer": ("stages:\n  - {layer: 9, keep: 0.5}\n", r"stage 0 \(layer 9\): layer 9 does not exist"),
+    "layer zero": ("stages:\n  - {layer: 0, keep: 0.5}\n", r"stage 0 \(layer 0\): layer 0 does not exist"),
+    "out of order": ("stages:\n  - {layer: 2, keep: 0.5}\n  - {layer: 1, keep: 0.25}\n", r"stage 1 .*after"),
+    "unknown field": ("stages:\n  - {layer: 1, keep: 0.5, colour: red}\n", r"stage 0: unknown field.*colour"),
+    "bad score_at": ("stages:\n  - {layer: 1, keep: 0.5, score_at: later}\n", r"stage 0 .*score_at 'later'"),
+    "bad positions": ("stages:\n  - {layer: 1, keep: 0.5, positions: shuffle}\n", r"stage 0 .*positions 'shuffle'"),
+    "missing keep": ("stages:\n  - {layer: 1}\n", r"stage 0: needs 'layer' and 'keep'"),
+    "keep string": ("stages:\n  - {layer: 1, keep: half}\n", r"stage 0: keep 'half' is not a number"),
+    "keep too big": ("stages:\n  - {layer: 1, keep: 1.5}\n", r"stage 0: keep 1.5 must be a fraction"),
+    "no stages": ("method: fastv\n", r"expected a mapping with a 'stages' list"),
+    "not yaml": ("stages: [ {layer: 1\n", r"not valid YAML/JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCHEDULES))
+def test_bad_schedule_files(tmp_path, case):
+    text, message = BAD_SCHEDULES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        Schedule.from_file(path, 4, 64)
+
+
+def test_bad_schedule_cli_exit_2_no_output(capsys, tmp_path, tiny_dir):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - {layer: 1, keep: 0.25}\n  - {layer: 2, keep: 0.5}\n")
+    out = tmp_path / "never"
+    assert export_engine_main(["--model", str(tiny_dir), "--schedule", str(path), "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "stage 1 (layer 2)" in err[0]
+    assert not out.exists()
+    assert export_engine_main(["--model", str(tiny_dir), "--schedule", str(path), "--keep", "0.5", "--out", str(out)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_pdrop_needs_four_layers():
+    with pytest.raises(UserError, match="at least 4 decoder layers"):
+        Schedule.pdrop(3, 64, 0.125)
