@@ -239,6 +239,48 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import LlavaConfig
+
+    from leanvlm.models import resolve_model
+    from leanvlm.reduction.plan import make_plan
+    from leanvlm.reduction.schedule import Schedule
+    from leanvlm.reference.model import num_image_tokens
+
+    if args.text_tokens < 1:
+        raise UserError(f"--text-tokens {args.text_tokens}: must be >= 1")
+    cfg = LlavaConfig.from_pretrained(resolve_model(args.model))
+    layers, n_img = cfg.text_config.num_hidden_layers, num_image_tokens(cfg)
+    if args.schedule:
+        if args.keep is not None:
+            raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
+        schedule = Schedule.from_file(args.schedule, layers, n_img)
+    else:
+        schedule = Schedule.preset(args.method, layers, n_img, 1.0 if args.keep is None else args.keep, args.layer)
+    plan = make_plan(cfg, schedule, args.text_tokens, args.kv_dtype_bytes)
+    if args.json:
+        print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict()}, indent=2))
+        return 0
+    t = Table(title=f"{args.model}: {schedule.method}, {args.text_tokens} text tokens")
+    t.add_column("part")
+    t.add_column("layers", justify="right")
+    t.add_column("image tokens", justify="right")
+    t.add_column("tokens per layer", justify="right")
+    t.add_row("vision encoder", f"0-{len(plan.vision_tokens_per_layer) - 1}", "", str(plan.vision_tokens_per_layer[0]))
+    for a, b, n in schedule.groups:
+        t.add_row("LLM decoder", f"{a}-{b - 1}" if b - a > 1 else str(a), f"{n_img} -> {n}", str(args.text_tokens + n))
+    Console().print(t)
+    Console().print(f"theoretical FLOPs vs unreduced: vision encoder {plan.vision_flops_ratio:.3f}, prefill "
+                    f"{plan.prefill_flops_ratio:.3f} ({plan.prefill_flops / 1e9:.2f} vs "
+                    f"{plan.prefill_flops_unreduced / 1e9:.2f} GFLOPs); prompt KV cache {_human(plan.kv_bytes)} vs "
+                    f"{_human(plan.kv_bytes_unreduced)} ({plan.kv_ratio:.3f}) at {args.kv_dtype_bytes} bytes per value")
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -291,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
+
+    pl = sub.add_parser("plan", help="token counts, FLOPs and KV bytes of a schedule, from the model config")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--method", choices=("fastv", "pdrop"), default="fastv")
+    pl.add_argument("--keep", type=float)
+    pl.add_argument("--layer", type=int, default=2)
+    pl.add_argument("--schedule", type=Path)
+    pl.add_argument("--text-tokens", type=int, default=64)
+    pl.add_argument("--kv-dtype-bytes", type=int, choices=(1, 2, 4), default=2,
+                    help="bytes per cached value (2 = fp16, the usual deployment; our CPU engines use 4)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_plan)
     return p
 
 

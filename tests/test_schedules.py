@@ -145,3 +145,29 @@ def test_bad_schedule_cli_exit_2_no_output(capsys, tmp_path, tiny_dir):
 def test_pdrop_needs_four_layers():
     with pytest.raises(UserError, match="at least 4 decoder layers"):
         Schedule.pdrop(3, 64, 0.125)
+
+
+@pytest.mark.parametrize("method, keep", [("pdrop", 0.125), ("fastv", 0.33)])
+def test_plan_counts_match_exported_graph_shapes(engines, hf_model, method, keep):
+    from leanvlm.reduction.plan import make_plan
+
+    result = engines(keep, method=method)
+    schedule = Schedule.preset(method, 4, 64, keep)
+    checks = {c.graph: c for c in check_engine(ReducedLlava(hf_model, schedule), load_sessions(result.out), [9])}
+    plan = make_plan(hf_model.config, schedule, text_tokens=9)
+    assert [checks["prefill"].shapes[f"present.{i}.key"][2] for i in range(4)] == plan.llm_tokens_per_layer
+    assert checks["vision"].shapes["image_features"][1] == plan.vision_tokens_per_layer[0] - 1  # CLS dropped
+    assert plan.kv_bytes < plan.kv_bytes_unreduced and plan.prefill_flops_ratio < 1
+    at_64 = make_plan(hf_model.config, schedule, text_tokens=64)  # the manifest's ratio is taken at 64 text tokens
+    assert at_64.prefill_flops_ratio == pytest.approx(result.manifest["schedule"]["prefill_flops_ratio"], rel=1e-9)
+
+
+def test_plan_cli_json(capsys, tiny_dir):
+    from leanvlm.cli import main
+
+    assert main(["plan", "--model", str(tiny_dir), "--method", "pdrop", "--keep", "0.125", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["image_tokens_per_layer"] == [64, 32, 16, 8]
+    assert d["llm_tokens_per_layer"] == [64 + 64, 64 + 32, 64 + 16, 64 + 8]
+    assert 0 < d["prefill_flops_ratio"] < 1 and d["vision_flops_ratio"] == 1
+    assert main(["plan", "--model", str(tiny_dir), "--method", "pdrop", "--keep", "0"]) == 2

@@ -1,0 +1,67 @@
+"""`leanvlm plan`: what a schedule does to a model, from its config alone (no weights loaded)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from leanvlm.reduction.flops import prefill_flops
+from leanvlm.reduction.schedule import Schedule
+
+
+def vision_layer_flops(n: int, d: int, m: int) -> float:
+    """FLOPs of one ViT (CLIP) encoder layer over n tokens: 4 projections, attention, 2-matmul GELU MLP."""
+    return 2.0 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+
+@dataclass
+class Plan:
+    text_tokens: int
+    vision_tokens_per_layer: list[int]  # encoder layers that run (up to the feature layer)
+    llm_tokens_per_layer: list[int]  # text + image tokens each decoder layer processes
+    image_tokens_per_layer: list[int]
+    vision_flops: float
+    vision_flops_unreduced: float
+    prefill_flops: float
+    prefill_flops_unreduced: float
+    kv_bytes: int  # the prompt's KV cache, all layers, one request
+    kv_bytes_unreduced: int
+    kv_dtype_bytes: int
+
+    @property
+    def vision_flops_ratio(self) -> float:
+        return self.vision_flops / self.vision_flops_unreduced
+
+    @property
+    def prefill_flops_ratio(self) -> float:
+        return self.prefill_flops / self.prefill_flops_unreduced
+
+    @property
+    def kv_ratio(self) -> float:
+        return self.kv_bytes / self.kv_bytes_unreduced
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "vision_flops_ratio": self.vision_flops_ratio,
+                "prefill_flops_ratio": self.prefill_flops_ratio, "kv_ratio": self.kv_ratio}
+
+
+def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes: int = 4) -> Plan:
+    """Token counts, FLOPs and KV bytes of `schedule` on a LLaVA `config` for a prompt of `text_tokens`."""
+    from leanvlm.reference.model import num_image_tokens
+
+    v, t = config.vision_config, config.text_config
+    layer = config.vision_feature_layer
+    used = v.num_hidden_layers + 1 + layer if layer < 0 else layer
+    n_vit = (v.image_size // v.patch_size) ** 2 + 1  # patches + CLS
+    vision_tokens = [n_vit] * used
+    vision = sum(vision_layer_flops(n, v.hidden_size, v.intermediate_size) for n in vision_tokens)
+    image = schedule.image_tokens_per_layer()
+    kv_ratio = t.num_key_value_heads / t.num_attention_heads
+    n_full = num_image_tokens(config)
+    dims = (t.hidden_size, t.intermediate_size, kv_ratio)
+    prefill = prefill_flops(schedule, text_tokens, *dims)
+    prefill_full = prefill_flops(Schedule(schedule.num_layers, n_full), text_tokens, *dims)
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    per_entry = 2 * t.num_key_value_heads * head_dim * kv_dtype_bytes
+    return Plan(text_tokens, vision_tokens, [text_tokens + n for n in image], image, vision, vision, prefill,
+                prefill_full, per_entry * sum(text_tokens + n for n in image),
+                per_entry * (text_tokens + n_full) * len(image), kv_dtype_bytes)
