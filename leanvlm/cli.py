@@ -35,9 +35,10 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                    help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
     p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
                    "1 = unreduced (required unless --schedule)")
-    p.add_argument("--method", choices=("fastv", "pdrop"), default="fastv",
+    p.add_argument("--method", choices=("fastv", "pdrop", "illava", "visionzip"), default="fastv",
                    help="reduction preset (default fastv): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
-                        "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep")
+                        "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep; illava = merges in four middle "
+                        "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM")
     p.add_argument("--layer", type=int, default=2, help="fastv: decoder layer K at whose input tokens are dropped "
                    "(default 2)")
     p.add_argument("--schedule", type=Path, help="YAML/JSON schedule file instead of --method/--keep")
@@ -246,21 +247,18 @@ def _plan(args: argparse.Namespace) -> int:
     from rich.table import Table
     from transformers import LlavaConfig
 
+    from leanvlm.export.engine import resolve_schedule
     from leanvlm.models import resolve_model
     from leanvlm.reduction.plan import make_plan
-    from leanvlm.reduction.schedule import Schedule
     from leanvlm.reference.model import num_image_tokens
 
     if args.text_tokens < 1:
         raise UserError(f"--text-tokens {args.text_tokens}: must be >= 1")
     cfg = LlavaConfig.from_pretrained(resolve_model(args.model))
-    layers, n_img = cfg.text_config.num_hidden_layers, num_image_tokens(cfg)
-    if args.schedule:
-        if args.keep is not None:
-            raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
-        schedule = Schedule.from_file(args.schedule, layers, n_img)
-    else:
-        schedule = Schedule.preset(args.method, layers, n_img, 1.0 if args.keep is None else args.keep, args.layer)
+    n_img = num_image_tokens(cfg)
+    if args.schedule and args.keep is not None:
+        raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
+    schedule = resolve_schedule(cfg, args.method, 1.0 if args.keep is None else args.keep, args.layer, args.schedule)
     plan = make_plan(cfg, schedule, args.text_tokens, args.kv_dtype_bytes)
     if args.json:
         print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict()}, indent=2))
@@ -270,7 +268,12 @@ def _plan(args: argparse.Namespace) -> int:
     t.add_column("layers", justify="right")
     t.add_column("image tokens", justify="right")
     t.add_column("tokens per layer", justify="right")
-    t.add_row("vision encoder", f"0-{len(plan.vision_tokens_per_layer) - 1}", "", str(plan.vision_tokens_per_layer[0]))
+    vt = plan.vision_tokens_per_layer
+    for a in range(len(vt)):
+        if a == 0 or vt[a] != vt[a - 1]:
+            b = next((j for j in range(a, len(vt)) if vt[j] != vt[a]), len(vt))
+            t.add_row("vision encoder", f"{a}-{b - 1}" if b - a > 1 else str(a), f"{n_img} -> {vt[a] - 1}",
+                      f"{vt[a]} (+CLS)")
     for a, b, n in schedule.groups:
         t.add_row("LLM decoder", f"{a}-{b - 1}" if b - a > 1 else str(a), f"{n_img} -> {n}", str(args.text_tokens + n))
     Console().print(t)
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="token counts, FLOPs and KV bytes of a schedule, from the model config")
     pl.add_argument("--model", required=True)
-    pl.add_argument("--method", choices=("fastv", "pdrop"), default="fastv")
+    pl.add_argument("--method", choices=("fastv", "pdrop", "illava", "visionzip"), default="fastv")
     pl.add_argument("--keep", type=float)
     pl.add_argument("--layer", type=int, default=2)
     pl.add_argument("--schedule", type=Path)

@@ -15,11 +15,11 @@ def _batch(processor, n):
 
 
 def _prefill(ref, enc):
-    feats = ref.vision(enc["pixel_values"])
+    feats = ref.vision(enc["pixel_values"])[0]
     embeds = ref.embed(enc["input_ids"], feats)
     pos = prompt_positions(enc["attention_mask"])
     start = image_starts(enc["input_ids"], ref.image_token_id, ref.num_image_tokens)
-    return ref.prefill(embeds, enc["attention_mask"], pos, start)
+    return ref.prefill(embeds, enc["attention_mask"], pos, start)[:3]
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -38,7 +38,7 @@ def test_embed_splice_matches_hf_masked_scatter(hf_model, processor):
     enc = _batch(processor, 3)
     ref = ReducedLlava(hf_model, Schedule(4, 64, ()))
     with torch.no_grad():
-        feats = ref.vision(enc["pixel_values"])
+        feats = ref.vision(enc["pixel_values"])[0]
         hf_feats = hf_model.model.get_image_features(enc["pixel_values"]).pooler_output
         ours = ref.embed(enc["input_ids"], feats)
         emb = hf_model.get_input_embeddings()(enc["input_ids"])

@@ -41,8 +41,8 @@ def test_pdrop_first_stage_matches_hf_eager_attention_of_that_layer(tiny_dir, pr
     pos = prompt_positions(enc["attention_mask"])
     start = image_starts(enc["input_ids"], ref.image_token_id, 64)
     with torch.no_grad():
-        embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"]))
-        _, _, (kept,) = ref.prefill(embeds, enc["attention_mask"], pos, start)
+        embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"])[0])
+        _, _, (kept,), _ = ref.prefill(embeds, enc["attention_mask"], pos, start)
         att = eager(**enc, position_ids=pos, output_attentions=True).attentions[1]
     clear = 0
     for b in range(3):

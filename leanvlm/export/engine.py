@@ -105,9 +105,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
 
     from leanvlm.models import load_model, resolve_model
     from leanvlm.reduction.flops import prefill_flops_ratio
-    from leanvlm.reduction.schedule import Schedule
     from leanvlm.reference import ReducedLlava
-    from leanvlm.reference.model import num_image_tokens
 
     step = on_step or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -115,12 +113,9 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     step(f"resolving {opts.model}")
     cfg = LlavaConfig.from_pretrained(resolve_model(opts.model))
     text = cfg.text_config
-    n_img = num_image_tokens(cfg)
     # The schedule (and its errors) needs only the config: fail before loading weights.
-    if opts.schedule is not None:
-        schedule = Schedule.from_file(opts.schedule, text.num_hidden_layers, n_img)
-    else:
-        schedule = Schedule.preset(opts.method, text.num_hidden_layers, n_img, opts.keep, opts.layer)
+    schedule = resolve_schedule(cfg, opts.method, opts.keep, opts.layer, opts.schedule)
+    n_img = schedule.llm_image_tokens  # image tokens in the LLM prompt
     max_prompt = opts.max_prompt or n_img + 512
     if max_prompt <= n_img:
         raise UserError(f"--max-prompt {max_prompt}: must exceed the {n_img} image tokens of this model")
@@ -168,6 +163,17 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     return ExportResult(out, manifest, sizes, time.perf_counter() - t0, flops, checks, lint)
 
 
+def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None):
+    """The schedule of a preset or a file for a LLaVA config (validated; raises UserError)."""
+    from leanvlm.reduction.schedule import Schedule
+    from leanvlm.reference.model import num_image_tokens, vision_layers_used
+
+    layers, n, vit = cfg.text_config.num_hidden_layers, num_image_tokens(cfg), vision_layers_used(cfg)
+    if schedule_file is not None:
+        return Schedule.from_file(schedule_file, layers, n, vit)
+    return Schedule.preset(method, layers, n, keep, layer, vit)
+
+
 def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, external) -> dict:
     import onnx
     import onnxruntime
@@ -177,7 +183,7 @@ def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, e
     from leanvlm import __version__
 
     schedule = ref.schedule
-    n_img = schedule.num_image_tokens
+    n_img = schedule.llm_image_tokens
     groups = []
     for g, (a, b, n) in enumerate(schedule.groups):
         groups.append({
@@ -192,7 +198,8 @@ def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, e
         "source": {"model": loaded.source, "path": str(loaded.path), "config_sha256": config_hash(cfg.to_dict())},
         "model": {
             "image_token_id": ref.image_token_id,
-            "num_image_tokens": n_img,
+            "num_image_tokens": n_img,  # in the LLM prompt, after vision-encoder stages
+            "num_patch_tokens": schedule.num_image_tokens,  # out of the vision tower
             "image_size": cfg.vision_config.image_size,
             "num_layers": ref.num_layers,
             "num_heads": ref.num_heads,

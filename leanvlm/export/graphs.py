@@ -41,7 +41,8 @@ class VisionGraph(nn.Module):
         self.ref = ref
 
     def forward(self, pixel_values):
-        return self.ref.vision(pixel_values)
+        feats, kept, targets = self.ref.vision(pixel_values)
+        return (feats, *kept, *targets)
 
 
 class EmbedGraph(nn.Module):
@@ -59,8 +60,8 @@ class PrefillGraph(nn.Module):
         self.ref = ref
 
     def forward(self, inputs_embeds, attention_mask, position_ids, image_start):
-        logits, presents, kept = self.ref.prefill(inputs_embeds, attention_mask, position_ids, image_start)
-        return (logits, *[t for kv in presents for t in kv], *kept)
+        logits, presents, kept, targets = self.ref.prefill(inputs_embeds, attention_mask, position_ids, image_start)
+        return (logits, *[t for kv in presents for t in kv], *kept, *targets)
 
 
 class DecodeGraph(nn.Module):
@@ -75,6 +76,13 @@ class DecodeGraph(nn.Module):
         past = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
         logits, new_kv = self.ref.decode(inputs_embeds, position_ids, masks, past)
         return (logits, *[t for kv in new_kv for t in kv])
+
+
+def stage_outputs(stages) -> list[str]:
+    """Output names for a run of stages: `kept_indices.{j}` for each, then `merge_targets.{j}` for each
+    stage that merges."""
+    return [*[f"kept_indices.{j}" for j in range(len(stages))],
+            *[f"merge_targets.{j}" for j, st in enumerate(stages) if st.merges]]
 
 
 def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra: int = 3) -> list[GraphSpec]:
@@ -99,9 +107,10 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     start = torch.full((batch,), 3, dtype=torch.int64)
 
+    vision_out = ["image_features", *stage_outputs(ref.schedule.vision_stages)]
     specs = [
-        GraphSpec("vision", VisionGraph(ref), (pixel_values,), ["pixel_values"], ["image_features"],
-                  {"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}}),
+        GraphSpec("vision", VisionGraph(ref), (pixel_values,), ["pixel_values"], vision_out,
+                  {name: {0: "batch_size"} for name in ["pixel_values", *vision_out]}),
         GraphSpec("embed", EmbedGraph(ref), (ids, image_features), ["input_ids", "image_features"], ["inputs_embeds"],
                   {"input_ids": {0: "batch_size", 1: "sequence_length"},
                    "image_features": {0: "batch_size", 1: "num_image_tokens"},
@@ -109,7 +118,7 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
     ]
 
     present = kv_names("present", n_layers)
-    kept = [f"kept_indices.{s}" for s in range(len(ref.schedule.stages))]
+    kept = stage_outputs(ref.schedule.stages)
     pre_axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "sequence_length"},
                 "position_ids": {0: "batch_size", 1: "sequence_length"},
@@ -118,7 +127,7 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
         gi = ref.schedule.group_of(i)
         for kind in ("key", "value"):
             pre_axes[f"present.{i}.{kind}"] = {0: "batch_size", 2: group_axis(gi, "present_sequence_length")}
-    for name in kept:
+    for name in kept:  # kept_indices.* and merge_targets.*
         pre_axes[name] = {0: "batch_size"}
     specs.append(GraphSpec("prefill", PrefillGraph(ref), (embeds, mask, pos, start),
                            ["inputs_embeds", "attention_mask", "position_ids", "image_start"],

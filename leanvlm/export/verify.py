@@ -70,17 +70,16 @@ def check_engine(ref: ReducedLlava, sessions: dict, text_lens: list[int], seed: 
     x = synthetic_prompts(ref, text_lens, seed)
     checks: list[GraphCheck] = []
     with torch.no_grad():
-        feats = ref.vision(x["pixel_values"])
-        checks.append(_compare("vision", sessions["vision"], {"pixel_values": x["pixel_values"]}, {"image_features": feats}))
+        feats, v_kept, v_targets = ref.vision(x["pixel_values"])
+        checks.append(_compare("vision", sessions["vision"], {"pixel_values": x["pixel_values"]},
+                               {"image_features": feats, **_indices(ref.schedule.vision_stages, v_kept, v_targets)}))
         embeds = ref.embed(x["input_ids"], feats)
         checks.append(_compare("embed", sessions["embed"], {"input_ids": x["input_ids"], "image_features": feats},
                                {"inputs_embeds": embeds}))
-        logits, presents, kept = ref.prefill(embeds, x["attention_mask"], x["position_ids"], x["image_start"])
-        expect = {"logits": logits}
+        logits, presents, kept, targets = ref.prefill(embeds, x["attention_mask"], x["position_ids"], x["image_start"])
+        expect = {"logits": logits, **_indices(ref.schedule.stages, kept, targets)}
         for i, (k, v) in enumerate(presents):
             expect[f"present.{i}.key"], expect[f"present.{i}.value"] = k, v
-        for s, kk in enumerate(kept):
-            expect[f"kept_indices.{s}"] = kk
         checks.append(_compare("prefill", sessions["prefill"], {
             "inputs_embeds": embeds, "attention_mask": x["attention_mask"],
             "position_ids": x["position_ids"], "image_start": x["image_start"]}, expect))
@@ -106,6 +105,14 @@ def check_engine(ref: ReducedLlava, sessions: dict, text_lens: list[int], seed: 
     return checks
 
 
+def _indices(stages, kept: list, targets: list) -> dict:
+    """Reference index outputs under their graph names (see export.graphs.stage_outputs)."""
+    from leanvlm.export.graphs import stage_outputs
+
+    names = stage_outputs(stages)
+    return dict(zip(names, [*kept, *targets]))
+
+
 def _compare(name: str, session, feed: dict, expect: dict) -> GraphCheck:
     declared = {i.name for i in session.get_inputs()}  # unused inputs (image_start at keep 1) are dropped
     inputs = {k: v.numpy() for k, v in feed.items() if k in declared}
@@ -117,7 +124,7 @@ def _compare(name: str, session, feed: dict, expect: dict) -> GraphCheck:
         check.shapes[key] = list(out.shape)
         if out.shape != ref_np.shape:
             raise EngineError(f"{name}.onnx output {key}: shape {list(out.shape)}, reference {list(ref_np.shape)}")
-        if key.startswith("kept_indices"):
+        if key.startswith(("kept_indices", "merge_targets")):
             check.kept_equal &= bool(np.array_equal(out, ref_np))
         else:
             check.max_abs[key] = float(np.abs(out.astype(np.float64) - ref_np).max(initial=0.0))

@@ -46,14 +46,17 @@ class Plan:
 
 def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes: int = 4) -> Plan:
     """Token counts, FLOPs and KV bytes of `schedule` on a LLaVA `config` for a prompt of `text_tokens`."""
-    from leanvlm.reference.model import num_image_tokens
+    from leanvlm.reference.model import num_image_tokens, vision_layers_used
 
     v, t = config.vision_config, config.text_config
-    layer = config.vision_feature_layer
-    used = v.num_hidden_layers + 1 + layer if layer < 0 else layer
-    n_vit = (v.image_size // v.patch_size) ** 2 + 1  # patches + CLS
-    vision_tokens = [n_vit] * used
-    vision = sum(vision_layer_flops(n, v.hidden_size, v.intermediate_size) for n in vision_tokens)
+    n_vit = (v.image_size // v.patch_size) ** 2  # patches; CLS is added below
+    merges = {s.layer: s.num_keep for s in schedule.vision_stages if s.kind == "vit_merge"}
+    vision_tokens, n = [], n_vit
+    for layer in range(vision_layers_used(config)):
+        vision_tokens.append(n + 1)
+        n = merges.get(layer, n)  # a merge inside layer i shrinks its MLP and every later layer (counted whole)
+    vision = sum(vision_layer_flops(x, v.hidden_size, v.intermediate_size) for x in vision_tokens)
+    vision_full = vision_layer_flops(n_vit + 1, v.hidden_size, v.intermediate_size) * len(vision_tokens)
     image = schedule.image_tokens_per_layer()
     kv_ratio = t.num_key_value_heads / t.num_attention_heads
     n_full = num_image_tokens(config)
@@ -62,6 +65,6 @@ def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes:
     prefill_full = prefill_flops(Schedule(schedule.num_layers, n_full), text_tokens, *dims)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     per_entry = 2 * t.num_key_value_heads * head_dim * kv_dtype_bytes
-    return Plan(text_tokens, vision_tokens, [text_tokens + n for n in image], image, vision, vision, prefill,
+    return Plan(text_tokens, vision_tokens, [text_tokens + n for n in image], image, vision, vision_full, prefill,
                 prefill_full, per_entry * sum(text_tokens + n for n in image),
                 per_entry * (text_tokens + n_full) * len(image), kv_dtype_bytes)

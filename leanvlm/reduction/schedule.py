@@ -1,27 +1,36 @@
-"""A reduction schedule: which decoder layers reduce image tokens, how they score them, how many survive.
+"""A reduction schedule: where image tokens are reduced, how they are scored, how many survive.
 
-Every count is a build-time constant, so each stage exports as constant-k TopK + Gather. A schedule comes
-from a preset (`fastv`, `pdrop`) or from a YAML/JSON file:
+Every count is a build-time constant, so each stage exports as constant-k TopK + Gather (+ merge
+arithmetic). A schedule comes from a preset (`fastv`, `pdrop`, `illava`, `visionzip`) or a YAML/JSON file:
 
     stages:
-      - {layer: 8, keep: 0.5, score_at: current, positions: renumber}
-      - {layer: 16, keep: 64}            # an int keeps that many tokens, a float that fraction of all
+      - {where: vision, layer: 5, keep: 0.8}                  # iLLaVA merge inside ViT layer 5
+      - {where: projector, keep: 64, contextual: 10}          # VisionZip before the LLM
+      - {layer: 8, keep: 0.5, score_at: current, positions: renumber}   # an LLM stage (where: llm)
+      - {layer: 16, keep: 24, action: merge}
 
-`keep` is a fraction of the image tokens entering the LLM (a float in (0, 1]) or a token count (an int:
-`keep: 1` keeps one token, `keep: 1.0` all of them).
+`keep` is a fraction of the image tokens out of the vision tower (a float in (0, 1]) or a token count (an
+int: `keep: 1` keeps one token, `keep: 1.0` all of them).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from leanvlm.errors import UserError
 
-METHODS = ("fastv", "pdrop")
+METHODS = ("fastv", "pdrop", "illava", "visionzip")
 SCORE_AT = ("previous", "current")
 POSITIONS = ("keep", "renumber")
-_STAGE_FIELDS = {"layer", "keep", "score_at", "positions", "num_keep", "kind"}
+LLM_ACTIONS = ("drop", "merge")
+# where -> (allowed scores, allowed actions); the first of each is the default
+PLACES = {
+    "llm": (("last_token",), LLM_ACTIONS),
+    "vision": (("mean_received",), ("merge",)),
+    "projector": (("cls",), ("visionzip",)),
+}
+_STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual"}
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,35 @@ class LLMStage:
 
     layer: int
     num_keep: int
-    keep: float  # num_keep as a fraction of the image tokens entering the LLM (reporting)
+    keep: float  # num_keep as a fraction of the vision tower's image tokens (reporting)
     score_at: str = "previous"
     positions: str = "keep"
+    action: str = "drop"  # or "merge": iLLaVA's rank-weighted merge of the removed tokens into one kept
     kind: str = "llm"
+
+    @property
+    def merges(self) -> bool:
+        """Whether the stage reports merge targets (tokens that absorbed removed ones)."""
+        return self.action == "merge"
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """A stage before the LLM. kind "vit_merge" (iLLaVA): inside ViT layer `layer`, after attention and
+    before the MLP, merge the patch tokens receiving the least attention (mean over queries and heads) down to
+    `num_keep` with rank weights. kind "visionzip": on the feature layer's output, keep `num_keep - contextual`
+    dominant tokens by CLS attention and `contextual` merged tokens by key similarity."""
+
+    kind: str
+    num_keep: int
+    keep: float
+    layer: int = -1  # ViT layer for vit_merge; -1: the feature layer (visionzip)
+    contextual: int = 0
+
+    @property
+    def merges(self) -> bool:
+        """Whether the stage reports merge targets (tokens that absorbed removed ones)."""
+        return self.kind == "vit_merge" or self.contextual > 0
 
 
 # Backwards-compatible name: a FastV stage is an LLM stage scored from the previous layer.
@@ -49,9 +83,16 @@ class Schedule:
     """Stages in layer order; `num_image_tokens` is the count entering the LLM."""
 
     num_layers: int
-    num_image_tokens: int
+    num_image_tokens: int  # patch tokens out of the vision tower
     stages: tuple[LLMStage, ...] = ()
     method: str = "none"
+    vision_stages: tuple[VisionStage, ...] = ()
+    vision_layers: int = 0  # encoder layers run up to the feature layer (bounds vit_merge layers)
+
+    @property
+    def llm_image_tokens(self) -> int:
+        """Image tokens entering the LLM (after the vision stages)."""
+        return self.vision_stages[-1].num_keep if self.vision_stages else self.num_image_tokens
 
     def __post_init__(self):
         validate(self)
@@ -68,7 +109,8 @@ class Schedule:
                 f"--layer {layer}: must be in [1, {num_layers - 1}] for a model with {num_layers} decoder layers "
                 "(tokens are dropped at the input of that layer, scored by the layer before)"
             )
-        stage = LLMStage(layer=layer, num_keep=_count(keep, num_image_tokens, "--keep"), keep=float(keep))
+        k = _count(keep, num_image_tokens, "--keep")
+        stage = LLMStage(layer=layer, num_keep=k, keep=k / num_image_tokens)
         return cls(num_layers, num_image_tokens, (stage,), "fastv")
 
     @classmethod
@@ -83,22 +125,65 @@ class Schedule:
         if len(layers) < 3 or layers[-1] >= num_layers:
             raise UserError(f"--method pdrop needs at least 4 decoder layers (model has {num_layers})")
         lam = keep ** (1 / 3)
-        stages = tuple(
-            LLMStage(layer=l, num_keep=_count(lam ** (j + 1), num_image_tokens, "--keep"), keep=lam ** (j + 1),
-                     score_at="current", positions="renumber")
-            for j, l in enumerate(layers))
+        counts = [_count(lam ** (j + 1), num_image_tokens, "--keep") for j in range(3)]
+        stages = tuple(LLMStage(layer=l, num_keep=k, keep=k / num_image_tokens, score_at="current", positions="renumber")
+                       for l, k in zip(layers, counts))
         return cls(num_layers, num_image_tokens, stages, "pdrop")
 
     @classmethod
-    def preset(cls, method: str, num_layers: int, num_image_tokens: int, keep: float, layer: int = 2) -> "Schedule":
-        if method == "fastv":
-            return cls.fastv(num_layers, num_image_tokens, keep, layer)
-        if method == "pdrop":
-            return cls.pdrop(num_layers, num_image_tokens, keep)
-        raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    def visionzip(cls, num_layers: int, num_image_tokens: int, keep: float, vision_layers: int = 0) -> "Schedule":
+        """VisionZip before the LLM: keep * N tokens, of which 10/64 contextual (the paper's 54 + 10 of 576 at
+        keep 64/576)."""
+        _check_keep(keep)
+        if keep == 1.0:
+            return cls(num_layers, num_image_tokens, vision_layers=vision_layers)
+        total = _count(keep, num_image_tokens, "--keep")
+        contextual = min(round(total * 10 / 64), total - 1)
+        stage = VisionStage("visionzip", num_keep=total, keep=total / num_image_tokens, contextual=contextual)
+        return cls(num_layers, num_image_tokens, (), "visionzip", (stage,), vision_layers)
 
     @classmethod
-    def from_file(cls, path: str | Path, num_layers: int, num_image_tokens: int) -> "Schedule":
+    def illava(cls, num_layers: int, num_image_tokens: int, keep: float, vision_layers: int) -> "Schedule":
+        """iLLaVA adapted to LLaVA-1.5 (the reference code targets LLaVA-OneVision's 27-layer SigLIP, 729
+        tokens): rank-weighted merges in ViT layers at 5/26..8/26 of the encoder depth (its layers 5-8), then
+        one LLM merge stage at 8/28 of the decoder depth keeping 0.7 (its layer 8 of Qwen2's 28). The ViT
+        merges take the patches to keep/0.7 of N in four equal steps, so `keep` of N reach the LLM's later
+        layers (the paper's default is keep ~0.35: 729 -> 361 -> 253)."""
+        _check_keep(keep)
+        if keep == 1.0:
+            return cls(num_layers, num_image_tokens, vision_layers=vision_layers)
+        final = _count(keep, num_image_tokens, "--keep")
+        llm_in = min(num_image_tokens, max(final, round(final / 0.7)))
+        vit_layers = sorted({min(vision_layers - 1, round(vision_layers * f / 26)) for f in (5, 6, 7, 8)})
+        steps, count, vstages = len(vit_layers), num_image_tokens, []
+        for j, layer in enumerate(vit_layers):
+            count = num_image_tokens - round((num_image_tokens - llm_in) * (j + 1) / steps)
+            vstages.append(VisionStage("vit_merge", num_keep=count, keep=count / num_image_tokens, layer=layer))
+        vstages = [v for v in vstages if v.num_keep < num_image_tokens]
+        stages = ()
+        if final < llm_in:
+            llm_layer = max(1, min(num_layers - 1, round(num_layers * 8 / 28)))
+            stages = (LLMStage(layer=llm_layer, num_keep=final, keep=final / num_image_tokens, action="merge"),)
+        return cls(num_layers, num_image_tokens, stages, "illava", tuple(vstages), vision_layers)
+
+    @classmethod
+    def preset(cls, method: str, num_layers: int, num_image_tokens: int, keep: float, layer: int = 2,
+               vision_layers: int = 0) -> "Schedule":
+        """The schedule of a named method (see each constructor for its defaults and sources)."""
+        if method == "fastv":
+            s = cls.fastv(num_layers, num_image_tokens, keep, layer)
+        elif method == "pdrop":
+            s = cls.pdrop(num_layers, num_image_tokens, keep)
+        elif method == "visionzip":
+            return cls.visionzip(num_layers, num_image_tokens, keep, vision_layers)
+        elif method == "illava":
+            return cls.illava(num_layers, num_image_tokens, keep, vision_layers)
+        else:
+            raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
+        return replace(s, vision_layers=vision_layers)
+
+    @classmethod
+    def from_file(cls, path: str | Path, num_layers: int, num_image_tokens: int, vision_layers: int = 0) -> "Schedule":
         """Read a YAML or JSON schedule file (see the module docstring)."""
         import yaml
 
@@ -111,30 +196,13 @@ class Schedule:
             raise UserError(f"--schedule {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
             raise UserError(f"--schedule {path}: expected a mapping with a 'stages' list")
-        stages = []
+        llm, vision = [], []
         for i, raw in enumerate(data["stages"]):
-            where = f"--schedule {path}: stage {i}"
-            if not isinstance(raw, dict):
-                raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
-            unknown = set(raw) - _STAGE_FIELDS
-            if unknown:
-                raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_STAGE_FIELDS - {'kind', 'num_keep'})}")
-            if "layer" not in raw or "keep" not in raw:
-                raise UserError(f"{where}: needs 'layer' and 'keep'")
-            layer, keep = raw["layer"], raw["keep"]
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise UserError(f"{where}: layer {layer!r} is not an integer")
-            if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-                raise UserError(f"{where}: keep {keep!r} is not a number")
-            if isinstance(keep, int):  # an int is a token count, a float a fraction (1 != 1.0)
-                num_keep = keep
-            else:
-                if not 0 < keep <= 1:
-                    raise UserError(f"{where}: keep {keep} must be a fraction in (0, 1] or a token count")
-                num_keep = round(keep * num_image_tokens)
-            stages.append(LLMStage(layer=layer, num_keep=num_keep, keep=num_keep / num_image_tokens,
-                                   score_at=raw.get("score_at", "previous"), positions=raw.get("positions", "keep")))
-        return cls(num_layers, num_image_tokens, tuple(stages), "file")
+            stage = _parse_stage(raw, f"--schedule {path}: stage {i}", num_image_tokens)
+            (vision if isinstance(stage, VisionStage) else llm).append(stage)
+            if isinstance(stage, VisionStage) and llm:
+                raise UserError(f"--schedule {path}: stage {i}: a {raw.get('where')} stage cannot follow LLM stages")
+        return cls(num_layers, num_image_tokens, tuple(llm), "file", tuple(vision), vision_layers)
 
     # ---- structure ---------------------------------------------------------------------------
     def stage_at(self, layer: int) -> LLMStage | None:
@@ -149,7 +217,7 @@ class Schedule:
     def groups(self) -> list[tuple[int, int, int]]:
         """Cache groups: (first layer, last layer + 1, image tokens) for each run of layers sharing a KV length."""
         bounds = [0, *[s.layer for s in self.stages], self.num_layers]
-        counts = [self.num_image_tokens, *[s.num_keep for s in self.stages]]
+        counts = [self.llm_image_tokens, *[s.num_keep for s in self.stages]]
         return [(bounds[i], bounds[i + 1], counts[i]) for i in range(len(counts))]
 
     def group_of(self, layer: int) -> int:
@@ -162,22 +230,95 @@ class Schedule:
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "num_image_tokens": self.num_image_tokens, "method": self.method,
-                "stages": [asdict(s) for s in self.stages]}
+                "vision_layers": self.vision_layers, "llm_image_tokens": self.llm_image_tokens,
+                "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [asdict(s) for s in self.stages]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        stages = []
-        for s in d.get("stages", []):
-            if s.get("kind", "llm") not in ("llm", "fastv"):
-                raise UserError(f"schedule stage kind {s.get('kind')!r} is not supported by this version")
-            stages.append(LLMStage(layer=int(s["layer"]), num_keep=int(s["num_keep"]), keep=float(s["keep"]),
-                                   score_at=s.get("score_at", "previous"), positions=s.get("positions", "keep")))
-        return cls(int(d["num_layers"]), int(d["num_image_tokens"]), tuple(stages), d.get("method", "none"))
+        """Inverse of to_dict (a manifest's resolved schedule)."""
+        try:
+            stages = tuple(LLMStage(**{k: v for k, v in s.items() if k != "kind"}) for s in d.get("stages", []))
+            vision = tuple(VisionStage(**s) for s in d.get("vision_stages", []))
+            return cls(int(d["num_layers"]), int(d["num_image_tokens"]), stages, d.get("method", "none"), vision,
+                       int(d.get("vision_layers", 0)))
+        except (TypeError, KeyError, ValueError) as e:
+            raise UserError(f"schedule record is malformed or from an unsupported version ({e})") from e
+
+
+def _parse_stage(raw, where: str, n: int):
+    """One schedule-file stage -> LLMStage or VisionStage, or a UserError naming the stage and field."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    unknown = set(raw) - _STAGE_FIELDS
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_STAGE_FIELDS)}")
+    place = raw.get("where", "llm")
+    if place not in PLACES:
+        raise UserError(f"{where}: where {place!r}: choose one of {', '.join(PLACES)}")
+    scores, actions = PLACES[place]
+    score, action = raw.get("score", scores[0]), raw.get("action", actions[0])
+    if score not in scores:
+        other = next((p for p, (sc, _) in PLACES.items() if score in sc), None)
+        hint = f" ({score} is a score of {other} stages)" if other else ""
+        raise UserError(f"{where}: score {score!r} is not available where {place}{hint}; use {', '.join(scores)}")
+    if action not in actions:
+        raise UserError(f"{where}: action {action!r} is not available where {place}; use {', '.join(actions)}")
+    needs = ("keep",) if place == "projector" else ("layer", "keep")
+    if any(f not in raw for f in needs):
+        raise UserError(f"{where}: needs {' and '.join(repr(f) for f in needs)}")
+    keep = raw["keep"]
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise UserError(f"{where}: keep {keep!r} is not a number")
+    if isinstance(keep, int):  # an int is a token count, a float a fraction (1 != 1.0)
+        num_keep = keep
+    elif not 0 < keep <= 1:
+        raise UserError(f"{where}: keep {keep} must be a fraction in (0, 1] or a token count")
+    else:
+        num_keep = round(keep * n)
+    layer = raw.get("layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise UserError(f"{where}: layer {layer!r} is not an integer")
+    if place == "llm":
+        for f in ("contextual",):
+            if f in raw:
+                raise UserError(f"{where}: {f} is not a field of llm stages")
+        return LLMStage(layer=layer, num_keep=num_keep, keep=num_keep / n, score_at=raw.get("score_at", "previous"),
+                        positions=raw.get("positions", "keep"), action=action)
+    for f in ("score_at", "positions"):
+        if f in raw:
+            raise UserError(f"{where}: {f} is a field of llm stages, not {place} stages")
+    if place == "vision":
+        return VisionStage("vit_merge", num_keep=num_keep, keep=num_keep / n, layer=layer)
+    contextual = raw.get("contextual", round(num_keep * 10 / 64))
+    if isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 0:
+        raise UserError(f"{where}: contextual {contextual!r} must be a non-negative integer")
+    return VisionStage("visionzip", num_keep=num_keep, keep=num_keep / n, contextual=contextual)
 
 
 def validate(schedule: Schedule) -> None:
     """Raise UserError naming the stage and field of the first problem."""
-    prev_layer, prev_count = 0, schedule.num_image_tokens
+    count = schedule.num_image_tokens
+    prev_vit = -1
+    for i, v in enumerate(schedule.vision_stages):
+        where = f"schedule vision stage {i} ({v.kind}{f' at ViT layer {v.layer}' if v.kind == 'vit_merge' else ''})"
+        if v.kind == "vit_merge":
+            if schedule.vision_layers and not 0 <= v.layer < schedule.vision_layers:
+                raise UserError(f"{where}: layer {v.layer} does not exist; the encoder runs layers "
+                                f"0..{schedule.vision_layers - 1} up to its feature layer")
+            if v.layer <= prev_vit:
+                raise UserError(f"{where}: layer must be after the previous vision stage's layer {prev_vit}")
+            prev_vit = v.layer
+        elif v.kind == "visionzip":
+            if i != len(schedule.vision_stages) - 1:
+                raise UserError(f"{where}: visionzip acts on the encoder output and must be the last vision stage")
+            if not 0 <= v.contextual < v.num_keep:
+                raise UserError(f"{where}: contextual {v.contextual} must leave at least one dominant token of "
+                                f"{v.num_keep}")
+        else:
+            raise UserError(f"{where}: unknown kind {v.kind!r}")
+        _check_count(where, v.num_keep, count, schedule.num_image_tokens)
+        count = v.num_keep
+    prev_layer = 0
     for i, s in enumerate(schedule.stages):
         where = f"schedule stage {i} (layer {s.layer})"
         if not 1 <= s.layer <= schedule.num_layers - 1:
@@ -185,15 +326,21 @@ def validate(schedule: Schedule) -> None:
                             f"(the model has {schedule.num_layers} decoder layers)")
         if s.layer <= prev_layer:
             raise UserError(f"{where}: layer must be after the previous stage's layer {prev_layer}")
-        if s.num_keep < 1:
-            raise UserError(f"{where}: keep rounds to 0 of {schedule.num_image_tokens} image tokens")
-        if s.num_keep > prev_count:
-            raise UserError(f"{where}: keep {s.num_keep} tokens would increase the count ({prev_count} before it)")
+        _check_count(where, s.num_keep, count, schedule.num_image_tokens)
         if s.score_at not in SCORE_AT:
             raise UserError(f"{where}: score_at {s.score_at!r}: choose one of {', '.join(SCORE_AT)}")
         if s.positions not in POSITIONS:
             raise UserError(f"{where}: positions {s.positions!r}: choose one of {', '.join(POSITIONS)}")
-        prev_layer, prev_count = s.layer, s.num_keep
+        if s.action not in LLM_ACTIONS:
+            raise UserError(f"{where}: action {s.action!r}: choose one of {', '.join(LLM_ACTIONS)}")
+        prev_layer, count = s.layer, s.num_keep
+
+
+def _check_count(where: str, keep: int, before: int, total: int) -> None:
+    if keep < 1:
+        raise UserError(f"{where}: keep rounds to 0 of {total} image tokens")
+    if keep > before:
+        raise UserError(f"{where}: keep {keep} tokens would increase the count ({before} before it)")
 
 
 def _check_keep(keep) -> None:

@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from leanvlm.errors import UserError
 from leanvlm.models import layout
-from leanvlm.reduction import select
+from leanvlm.reduction import merge, select
 from leanvlm.reduction.schedule import Schedule
 
 
@@ -36,9 +36,11 @@ class ReducedLlava(nn.Module):
         self.image_token_id = int(cfg.image_token_id)
         if not isinstance(cfg.vision_feature_layer, int):
             raise UserError(f"vision_feature_layer {cfg.vision_feature_layer}: only a single feature layer is supported")
-        if schedule.num_layers != self.num_layers or schedule.num_image_tokens != self.num_image_tokens:
+        if schedule.num_layers != self.num_layers or schedule.num_image_tokens != num_image_tokens(cfg):
             raise ValueError(f"schedule {schedule} does not match the model ({self.num_layers} layers, "
-                             f"{self.num_image_tokens} image tokens)")
+                             f"{num_image_tokens(cfg)} image tokens)")
+        if schedule.vision_stages and cfg.vision_feature_select_strategy != "default":
+            raise UserError("vision-encoder stages need vision_feature_select_strategy 'default' (CLS dropped)")
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -52,26 +54,73 @@ class ReducedLlava(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return num_image_tokens(self.config)
+        """Image tokens in the LLM prompt (after any vision-encoder stage)."""
+        return self.schedule.llm_image_tokens
 
     @property
     def vision_layers_used(self) -> int:
-        """Encoder layers that feed the selected feature layer; later ones are never run."""
-        layer = self.config.vision_feature_layer
-        total = self.config.vision_config.num_hidden_layers
-        return total + 1 + layer if layer < 0 else layer
+        return vision_layers_used(self.config)
 
     # ---- phases ----------------------------------------------------------------------------
-    def vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] -> image_features [B, N, D_text] (tower, feature layer, projector)."""
+    def vision(self, pixel_values: torch.Tensor):
+        """pixel_values [B, 3, H, W] -> (image_features [B, N', D_text], kept, merge_targets).
+
+        Runs the tower up to the feature layer with the schedule's vision stages, then the projector.
+        kept[j] [B, n_j]: original patch index of each token after vision stage j (for VisionZip: dominant,
+        then contextual tokens, in image-token order); merge_targets[j]: the tokens that absorbed others.
+        """
         vm = self.vision_model
         h = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        for layer in vm.encoder.layers[: self.vision_layers_used]:
-            h = layer(h, None)
-            h = h[0] if isinstance(h, tuple) else h
-        if self.config.vision_feature_select_strategy == "default":
-            h = h[:, 1:]
-        return self.hf.model.multi_modal_projector(h)
+        stages = {v.layer: v for v in self.schedule.vision_stages if v.kind == "vit_merge"}
+        zipper = next((v for v in self.schedule.vision_stages if v.kind == "visionzip"), None)
+        last = self.vision_layers_used - 1
+        origin = torch.arange(h.shape[1] - 1, device=h.device)[None].expand(h.shape[0], -1)
+        kept, targets, zip_inputs = [], [], None
+        for i, layer in enumerate(vm.encoder.layers[: last + 1]):
+            stage = stages.get(i)
+            if stage is None and not (zipper is not None and i == last):
+                h = layer(h, None)
+                h = h[0] if isinstance(h, tuple) else h
+                continue
+            h, probs, q, keys = self._vit_attention(layer, h, need_probs=stage is not None)
+            if zipper is not None and i == last:  # CLS query row only; head-summed, as VisionZip ranks
+                cls_row = torch.softmax(torch.matmul(q[:, :, :1], keys.transpose(-1, -2)) * layer.self_attn.scale, -1)
+                zip_inputs = (cls_row.sum(1)[:, 0, 1:], keys.mean(1)[:, 1:])
+            if stage is not None:
+                received = probs.mean(1).mean(1)[:, 1:]  # attention each patch receives: mean over heads, queries
+                patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, origin.shape[1] - stage.num_keep)
+                h = torch.cat([h[:, :1], select.gather_tokens(patches, keep)], 1)
+                targets.append(torch.gather(origin, 1, target[:, None]))
+                origin = torch.gather(origin, 1, keep)
+                kept.append(origin)
+            h = h + layer.mlp(layer.layer_norm2(h))
+        feats = h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h
+        if zipper is not None:
+            cls_attention, keys = zip_inputs
+            feats, dom, tgt = merge.visionzip(feats, cls_attention, keys, zipper.num_keep - zipper.contextual,
+                                              zipper.contextual)
+            kept.append(torch.cat([torch.gather(origin, 1, dom), torch.gather(origin, 1, tgt)], 1))
+            if zipper.merges:
+                targets.append(torch.gather(origin, 1, tgt))
+        return self.hf.model.multi_modal_projector(feats), kept, targets
+
+    def _vit_attention(self, layer, h, need_probs: bool):
+        """CLIP self-attention with its residual; also head-wise probabilities (when asked), queries and keys."""
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        x = layer.layer_norm1(h)
+        heads, hd = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).view(b, t, heads, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, heads, hd).transpose(1, 2)
+        probs = None
+        if need_probs:  # merge scores need every row: this layer's attention is computed explicitly
+            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, -1)
+            o = torch.matmul(probs, v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        h = h + attn.out_proj(o.transpose(1, 2).reshape(b, t, heads * hd))
+        return h, probs, q, k
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the image features spliced in at the `<image>` positions, in order.
@@ -98,7 +147,8 @@ class ReducedLlava(nn.Module):
         """Run all decoder layers over a left-padded prompt, applying the schedule.
 
         Returns last-token logits [B, V], per-layer (key, value) [B, kv_heads, L_g, d] whose length
-        L_g depends on the layer's cache group, and per stage the kept image-token indices [B, k].
+        L_g depends on the layer's cache group, per stage the kept image-token indices [B, k] (into the
+        LLM's image tokens), and per merge stage the token that absorbed the others [B, 1].
         """
         h = inputs_embeds
         seq_len = h.shape[1]
@@ -107,6 +157,7 @@ class ReducedLlava(nn.Module):
         cos, sin = self.lm.rotary_emb(h, position_ids)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
         kept_all: list[torch.Tensor] = []
+        targets_all: list[torch.Tensor] = []  # merge stages only, in stage order
         original = None  # [B, n_image]: original image-token index of each current image token
         scores = None
         for i, layer in enumerate(self.lm.layers):
@@ -114,7 +165,12 @@ class ReducedLlava(nn.Module):
             if stage is not None:
                 if stage.score_at == "current":  # PyramidDrop: this layer's own q (last token) and k
                     scores = self._last_token_scores(layer, h, cos, sin, mask)
-                local = select.select_top(select.image_scores(scores, image_start, n_image), stage.num_keep)
+                image_scores = select.image_scores(scores, image_start, n_image)
+                if stage.action == "merge":  # iLLaVA: the removed tokens are averaged into one kept token
+                    h, local, target = self._merge_image_tokens(h, image_scores, image_start, n_image, stage.num_keep)
+                    targets_all.append(target if original is None else torch.gather(original, 1, target))
+                else:
+                    local = select.select_top(image_scores, stage.num_keep)
                 original = local if original is None else torch.gather(original, 1, local)
                 index = select.keep_index(image_start, local, seq_len, n_image)
                 h = select.gather_tokens(h, index)
@@ -131,7 +187,19 @@ class ReducedLlava(nn.Module):
             h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, want_score)
             presents.append((k, v))
         logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
-        return logits, presents, kept_all
+        return logits, presents, kept_all, targets_all
+
+    @staticmethod
+    def _merge_image_tokens(h, image_scores, image_start, n_image: int, num_keep: int):
+        """Rank-weighted merge within the image span; returns h with the merged token written back, the kept
+        image-token indices [B, num_keep] (ascending) and the merge target [B, 1], both local to the span."""
+        span = image_start[:, None] + torch.arange(n_image, device=h.device)[None]
+        image, keep, target = merge.rank_weighted_merge(select.gather_tokens(h, span), image_scores,
+                                                        n_image - num_keep)
+        merged = torch.gather(image, 1, target[:, None, None].expand(-1, 1, image.shape[2]))
+        j = torch.arange(h.shape[1], device=h.device)[None]
+        h = torch.where((j == (image_start + target)[:, None])[..., None], merged, h)
+        return h, keep, target[:, None]
 
     def decode(
         self,
@@ -206,6 +274,12 @@ class ReducedLlava(nn.Module):
     def _decode_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Key-padding mask for one query, additive [B, 1, 1, S]."""
         return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def vision_layers_used(config) -> int:
+    """Encoder layers that feed the selected feature layer; later ones are never run."""
+    layer = config.vision_feature_layer
+    return config.vision_config.num_hidden_layers + 1 + layer if layer < 0 else layer
 
 
 def num_image_tokens(config) -> int:

@@ -44,7 +44,8 @@ class OrtBackend:
         return np.zeros((batch, 0, self.hidden), np.float32)
 
     def vision(self, pixel_values):
-        return self._run("vision", {"pixel_values": pixel_values})["image_features"]
+        out = self._run("vision", {"pixel_values": pixel_values})
+        return out["image_features"], *_indices(out)
 
     def embed(self, input_ids, image_features):
         return self._run("embed", {"input_ids": input_ids, "image_features": image_features})["inputs_embeds"]
@@ -53,8 +54,7 @@ class OrtBackend:
         out = self._run("prefill", {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
                                     "position_ids": position_ids, "image_start": image_start})
         presents = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.num_layers)]
-        kept = [out[k] for k in sorted(k for k in out if k.startswith("kept_indices."))]
-        return out["logits"], presents, kept
+        return out["logits"], presents, *_indices(out)
 
     def decode(self, inputs_embeds, position_ids, masks, past):
         session = self.sessions["decode"]
@@ -118,7 +118,8 @@ class TorchBackend:
 
     def vision(self, pixel_values):
         with self.torch.no_grad():
-            return self.ref.vision(self._t(pixel_values))
+            feats, kept, targets = self.ref.vision(self._t(pixel_values))
+        return feats, [k.cpu().numpy() for k in kept], [t.cpu().numpy() for t in targets]
 
     def embed(self, input_ids, image_features):
         with self.torch.no_grad():
@@ -126,9 +127,10 @@ class TorchBackend:
 
     def prefill(self, inputs_embeds, attention_mask, position_ids, image_start):
         with self.torch.no_grad():
-            logits, presents, kept = self.ref.prefill(self._t(inputs_embeds), self._t(attention_mask),
-                                                      self._t(position_ids), self._t(image_start))
-        return logits.float().cpu().numpy(), presents, [k.cpu().numpy() for k in kept]
+            logits, presents, kept, targets = self.ref.prefill(self._t(inputs_embeds), self._t(attention_mask),
+                                                               self._t(position_ids), self._t(image_start))
+        return (logits.float().cpu().numpy(), presents, [k.cpu().numpy() for k in kept],
+                [t.cpu().numpy() for t in targets])
 
     def decode(self, inputs_embeds, position_ids, masks, past):
         with self.torch.no_grad():
@@ -139,6 +141,14 @@ class TorchBackend:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
+
+
+def _indices(out: dict) -> tuple[list, list]:
+    """kept_indices.* and merge_targets.* outputs of a graph, each in stage order."""
+    def pick(prefix):
+        return [out[k] for k in sorted((k for k in out if k.startswith(prefix)), key=lambda k: int(k.split(".")[1]))]
+
+    return pick("kept_indices."), pick("merge_targets.")
 
 
 def make_backend(manifest: Manifest, backend: str, **options):

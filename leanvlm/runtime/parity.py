@@ -52,11 +52,17 @@ def sample_requests(n: int, size: int, seed: int = 0):
 
 
 def unreduced_manifest(manifest: Manifest) -> Manifest:
-    """The same model with no reduction stage: one cache group with the first group's capacity."""
+    """The same model with no reduction stage: every patch token reaches the LLM, one cache group."""
     data = copy.deepcopy(manifest.data)
     data["schedule"]["stages"] = []
+    data["schedule"]["vision_stages"] = []
+    model = data["model"]
+    extra = model.get("num_patch_tokens", model["num_image_tokens"]) - model["num_image_tokens"]
+    model["num_image_tokens"] += extra  # the prompt grows by what vision stages removed
+    data["limits"]["max_prompt"] += extra
     first = data["cache_groups"][0]
-    data["cache_groups"] = [{**first, "layers": [0, data["model"]["num_layers"]]}]
+    data["cache_groups"] = [{**first, "layers": [0, model["num_layers"]], "image_tokens": model["num_image_tokens"],
+                             "capacity": first["capacity"] + extra}]
     return Manifest(manifest.directory, data)
 
 
@@ -65,6 +71,8 @@ class TorchPrefillRunner:
 
     def __new__(cls, backend, io: dict):
         from polygraphy.backend.base import BaseRunner
+
+        from leanvlm.export.graphs import stage_outputs
         from polygraphy.common import TensorMetadata
 
         class _Runner(BaseRunner):
@@ -85,15 +93,15 @@ class TorchPrefillRunner:
 
             def infer_impl(self, feed_dict):
                 start = time.perf_counter()
-                logits, presents, kept = backend.prefill(
+                logits, presents, kept, targets = backend.prefill(
                     feed_dict["inputs_embeds"], feed_dict["attention_mask"], feed_dict["position_ids"],
                     feed_dict.get("image_start", np.zeros(feed_dict["inputs_embeds"].shape[0], np.int64)))
                 out = OrderedDict(logits=logits)
                 for i, (k, v) in enumerate(presents):
                     out[f"present.{i}.key"] = k.float().cpu().numpy()
                     out[f"present.{i}.value"] = v.float().cpu().numpy()
-                for s, kk in enumerate(kept):
-                    out[f"kept_indices.{s}"] = kk
+                for name, value in zip(stage_outputs(backend.ref.schedule.stages), [*kept, *targets]):
+                    out[name] = value
                 self.inference_time = time.perf_counter() - start  # Comparator sums these
                 return out
 
@@ -122,14 +130,15 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
     feeds = []
     for img, prompt in zip(images, prompts):
         b = engine.preprocess([img], [prompt])
-        embeds = engine.backend.embed(b.input_ids, engine.backend.vision(b.pixel_values))
+        embeds = engine.backend.embed(b.input_ids, engine.backend.vision(b.pixel_values)[0])
         feed = {"inputs_embeds": embeds, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
                 "image_start": b.image_start}
         feeds.append({k: v for k, v in feed.items() if k in declared})
     ort_runner = OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path("prefill")), providers=["cpu"]))
     torch_runner = TorchPrefillRunner(reference.backend, prefill_io)
     results = Comparator.run([ort_runner, torch_runner], data_loader=feeds)
-    tolerances = {o["name"]: (0.0 if o["name"].startswith("kept_indices") else atol) for o in prefill_io["outputs"]}
+    tolerances = {o["name"]: (0.0 if o["name"].startswith(("kept_indices", "merge_targets")) else atol)
+                  for o in prefill_io["outputs"]}
     accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerances, rtol=rtol))
     (_, ort_iters), (_, ref_iters) = list(results.items())
     max_abs = max_rel = 0.0
@@ -139,7 +148,7 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
         max_abs = max(max_abs, float(diff.max()))
         max_rel = max(max_rel, float((diff / np.maximum(np.abs(b["logits"]), 1e-6)).max()))
         for name in a.keys():
-            if name.startswith("kept_indices"):
+            if name.startswith(("kept_indices", "merge_targets")):
                 kept_total += 1
                 kept_same += int(np.array_equal(a[name], b[name]))
 
@@ -172,7 +181,7 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
 def _first_logits(pipe, image, prompt) -> np.ndarray:
     b = pipe.preprocess([image], [prompt])
     be = pipe.backend
-    embeds = be.embed(b.input_ids, be.vision(b.pixel_values))
+    embeds = be.embed(b.input_ids, be.vision(b.pixel_values)[0])
     return be.prefill(embeds, b.attention_mask, b.position_ids, b.image_start)[0][0].astype(np.float64)
 
 

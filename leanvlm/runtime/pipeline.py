@@ -16,6 +16,7 @@ import numpy as np
 
 from leanvlm.errors import UserError
 from leanvlm.export.manifest import Manifest, load_manifest
+from leanvlm.reduction.schedule import Schedule
 from leanvlm.runtime.backends import make_backend
 from leanvlm.runtime.kv_cache import CacheGroup, KVCache
 from leanvlm.runtime.preprocess import Batch, Preprocessor
@@ -33,13 +34,14 @@ class GenerationResult:
     prompt_token_ids: list[int]
     kept: list[list[int]]
     finish_reason: str  # "eos", "stop" or "length"
+    merged: list[list[int]] = field(default_factory=list)  # per stage: tokens that absorbed others (merges)
     timings: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
-                "kept": self.kept, "finish_reason": self.finish_reason, "timings": self.timings,
-                "kv_cache": self.kv_cache}
+                "kept": self.kept, "merged": self.merged, "finish_reason": self.finish_reason,
+                "timings": self.timings, "kv_cache": self.kv_cache}
 
 
 class _Request:
@@ -92,6 +94,7 @@ class Pipeline:
         m = manifest["model"]
         eos = m.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.schedule = Schedule.from_dict(manifest["schedule"])
         self.groups = [CacheGroup(range(*g["layers"]), g["image_tokens"], g["capacity"])
                        for g in manifest["cache_groups"]]
 
@@ -156,11 +159,13 @@ class Pipeline:
         batch = self.preprocess(images, prompts)
         be = self.backend
         sync = getattr(be, "synchronize", lambda: None)
-        feats = be.vision(batch.pixel_values)
+        feats, v_kept, v_targets = be.vision(batch.pixel_values)
         embeds = be.embed(batch.input_ids, feats)
         sync()
         t_pre = time.perf_counter()
-        logits, presents, kept = be.prefill(embeds, batch.attention_mask, batch.position_ids, batch.image_start)
+        logits, presents, l_kept, l_targets = be.prefill(embeds, batch.attention_mask, batch.position_ids,
+                                                         batch.image_start)
+        kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
         sync()
         t_prefilled = time.perf_counter()
         m = self.manifest["model"]
@@ -198,9 +203,25 @@ class Pipeline:
                    "decode_tokens_per_s": steps * batch.size / decode_s if steps and decode_s > 0 else None,
                    "total_s": t_end - t0}
         kv = cache.stats()
-        yield [self._result(r, b, batch, kept, timings, kv) for b, r in enumerate(requests)]
+        yield [self._result(r, b, batch, kept, merged, timings, kv) for b, r in enumerate(requests)]
 
-    def _result(self, r: _Request, b: int, batch: Batch, kept, timings, kv) -> GenerationResult:
+    def _original_indices(self, v_kept, v_targets, l_kept, l_targets):
+        """Per stage (vision stages, then LLM stages): kept and merge-target indices into the original patches.
+
+        LLM stages report indices into the LLM's image tokens; the last vision stage's kept list maps those
+        back (for VisionZip, a contextual token maps to its target patch)."""
+        to_patch = v_kept[-1] if v_kept else None
+
+        def lift(x):
+            return x if to_patch is None else np.take_along_axis(to_patch, x, 1)
+
+        kept = [*v_kept, *[lift(k) for k in l_kept]]
+        targets = iter([*v_targets, *[lift(t) for t in l_targets]])
+        merged = [next(targets) if st.merges else None for st in [*self.schedule.vision_stages, *self.schedule.stages]]
+        return kept, merged
+
+    def _result(self, r: _Request, b: int, batch: Batch, kept, merged, timings, kv) -> GenerationResult:
         return GenerationResult(text=r.text, token_ids=r.tokens, prompt_token_ids=batch.prompt_token_ids[b],
                                 kept=[k[b].tolist() for k in kept], finish_reason=r.finish, timings=dict(timings),
-                                kv_cache=kv)
+                                kv_cache=kv, merged=[[] if m is None else m[b].tolist() for m in merged])
+

@@ -60,8 +60,10 @@ class Preprocessor:
         texts = [self.template(p) for p in prompts]
         pil = [load_image(img, self.max_pixels) for img in images]
         enc = self.processor(images=pil, text=texts, return_tensors="np", padding=True)
-        ids = enc["input_ids"].astype(np.int64)
-        mask = enc["attention_mask"].astype(np.int64)
+        ids, mask = _collapse_image_tokens(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
+                                           self.model["image_token_id"],
+                                           self.model.get("num_patch_tokens", self.model["num_image_tokens"]),
+                                           self.model["num_image_tokens"])
         lengths = mask.sum(1)
         if int(lengths.max()) > self.limits["max_prompt"]:
             worst = int(lengths.argmax())
@@ -72,3 +74,17 @@ class Preprocessor:
         positions = layout.prompt_positions(mask)
         prompt_ids = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
         return Batch(ids, mask, enc["pixel_values"].astype(np.float32), positions, start, prompt_ids)
+
+
+def _collapse_image_tokens(ids: np.ndarray, mask: np.ndarray, image_token_id: int, expanded: int, wanted: int):
+    """The processor expands `<image>` to one token per patch; vision-encoder stages hand the LLM fewer image
+    features, so each row's run is cut to `wanted` tokens (every row loses the same count: padding stays left)."""
+    if expanded == wanted:
+        return ids, mask
+    is_image = ids == image_token_id
+    rank = np.cumsum(is_image, 1)
+    keep = ~(is_image & (rank > wanted))
+    if not (keep.sum(1) == ids.shape[1] - (expanded - wanted)).all():
+        raise UserError(f"each prompt needs exactly one image ({expanded} image tokens after expansion)")
+    rows = keep.sum(1)[0]
+    return ids[keep].reshape(-1, rows), mask[keep].reshape(-1, rows)
