@@ -94,12 +94,16 @@ def _print_export_summary(result) -> None:
     table.add_column("max |diff| vs PyTorch", justify="right")
     for g, size in result.graph_bytes.items():
         table.add_row(f"{g}.onnx", _human(size), f"{m['export']['check'][g]:.2e}")
-    stages = Table(title="image tokens per cache group")
-    stages.add_column("decoder layers")
+    stages = Table(title="image tokens per stage")
+    stages.add_column("where")
     stages.add_column("image tokens", justify="right")
+    n = m["model"].get("num_patch_tokens", m["model"]["num_image_tokens"])
+    for v in m["schedule"].get("vision_stages", []):
+        at = f"ViT layer {v['layer']} ({v['kind']})" if v["kind"] == "vit_merge" else "encoder output (visionzip)"
+        stages.add_row(at, f"{n} -> {v['num_keep']}")
     for grp in m["cache_groups"]:
         a, b = grp["layers"]
-        stages.add_row(f"{a}-{b - 1}", f"{m['model']['num_image_tokens']} -> {grp['image_tokens']}")
+        stages.add_row(f"LLM layers {a}-{b - 1}" if b - a > 1 else f"LLM layer {a}", f"{n} -> {grp['image_tokens']}")
     console = Console()
     console.print(table)
     console.print(stages)

@@ -22,7 +22,7 @@ def test_export_reports_graphs_tokens_flops(capsys, tmp_path, tiny_dir):
     text = capsys.readouterr().out
     for g in ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"):
         assert g in text
-    assert "64 -> 21" in text and "prefill FLOPs" in text and "export time" in text
+    assert "64 -> 21" in text and "LLM layers 2-3" in text and "prefill FLOPs" in text and "export time" in text
     assert (out / "leanvlm.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 

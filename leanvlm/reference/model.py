@@ -90,6 +90,8 @@ class ReducedLlava(nn.Module):
                 received = probs.mean(1).mean(1)[:, 1:]  # attention each patch receives: mean over heads, queries
                 patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, origin.shape[1] - stage.num_keep)
                 h = torch.cat([h[:, :1], select.gather_tokens(patches, keep)], 1)
+                if zip_inputs is not None:  # merged in the feature layer too: survivors keep their own score, key
+                    zip_inputs = (torch.gather(zip_inputs[0], 1, keep), select.gather_tokens(zip_inputs[1], keep))
                 targets.append(torch.gather(origin, 1, target[:, None]))
                 origin = torch.gather(origin, 1, keep)
                 kept.append(origin)
@@ -152,7 +154,7 @@ class ReducedLlava(nn.Module):
         """
         h = inputs_embeds
         seq_len = h.shape[1]
-        n_image = self.schedule.num_image_tokens
+        n_image = self.schedule.llm_image_tokens
         mask = self._prefill_mask(attention_mask, h.dtype)
         cos, sin = self.lm.rotary_emb(h, position_ids)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -28,10 +28,12 @@ class KVCache:
     (numpy for ONNX Runtime on CPU, torch tensors for the torch backend)."""
 
     def __init__(self, groups: list[CacheGroup], batch: int, kv_heads: int, head_dim: int, prompt_len: int,
-                 num_image_tokens: int, max_new_tokens: int, alloc, dtype=np.float32, itemsize: int = 4):
+                 num_image_tokens: int, max_new_tokens: int, alloc, dtype=np.float32, itemsize: int = 4,
+                 unreduced_image_tokens: int | None = None):
         self.groups = groups
         self.batch = batch
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens = num_image_tokens  # in the LLM prompt
+        self.unreduced_image_tokens = unreduced_image_tokens or num_image_tokens  # every patch (for accounting)
         self.kv_heads, self.head_dim, self.itemsize = kv_heads, head_dim, itemsize
         self.prompt_lengths = [prompt_len - (num_image_tokens - g.image_tokens) for g in groups]
         self.capacity = [n + max_new_tokens for n in self.prompt_lengths]
@@ -86,7 +88,7 @@ class KVCache:
 
     def stats(self) -> dict:
         """Bytes allocated, bytes holding entries, and what an unreduced cache would hold at the same point."""
-        dropped = [self.num_image_tokens - grp.image_tokens for grp in self.groups]
+        dropped = [self.unreduced_image_tokens - grp.image_tokens for grp in self.groups]
         unreduced = [n + d for n, d in zip(self.lengths, dropped)]
         used = self._bytes(self.lengths)
         full = self._bytes(unreduced)

@@ -170,7 +170,8 @@ class Pipeline:
         t_prefilled = time.perf_counter()
         m = self.manifest["model"]
         cache = KVCache(self.groups, batch.size, m["num_kv_heads"], m["head_dim"], batch.input_ids.shape[1],
-                        m["num_image_tokens"], params.max_new_tokens, be.alloc)
+                        m["num_image_tokens"], params.max_new_tokens, be.alloc,
+                        unreduced_image_tokens=m.get("num_patch_tokens"))
         cache.fill(presents, batch.attention_mask)
         del presents
         rngs = make_rngs(params, batch.size)
