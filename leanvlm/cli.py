@@ -288,6 +288,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from leanvlm.runtime import Pipeline
+    from leanvlm.runtime.viz import render
+
+    _quiet_transformers()
+    path = render(Pipeline.load(args.engine, backend=args.backend), args.image, args.prompt, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -352,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes per cached value (2 = fp16, the usual deployment; our CPU engines use 4)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
+
+    v = sub.add_parser("viz", help="draw which image tokens each stage kept, merged or dropped")
+    v.add_argument("engine", type=Path)
+    v.add_argument("--image", required=True)
+    v.add_argument("--prompt", required=True)
+    v.add_argument("--out", type=Path, default=Path("kept.png"))
+    v.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    v.set_defaults(func=_viz)
     return p
 
 
