@@ -147,16 +147,17 @@ def test_pdrop_needs_four_layers():
         Schedule.pdrop(3, 64, 0.125)
 
 
-@pytest.mark.parametrize("method, keep", [("pdrop", 0.125), ("fastv", 0.33)])
+@pytest.mark.parametrize("method, keep", [("pdrop", 0.125), ("fastv", 0.33), ("illava", 0.33), ("visionzip", 0.33)])
 def test_plan_counts_match_exported_graph_shapes(engines, hf_model, method, keep):
     from leanvlm.reduction.plan import make_plan
 
     result = engines(keep, method=method)
-    schedule = Schedule.preset(method, 4, 64, keep)
+    schedule = Schedule.preset(method, 4, 64, keep, vision_layers=1)
     checks = {c.graph: c for c in check_engine(ReducedLlava(hf_model, schedule), load_sessions(result.out), [9])}
     plan = make_plan(hf_model.config, schedule, text_tokens=9)
     assert [checks["prefill"].shapes[f"present.{i}.key"][2] for i in range(4)] == plan.llm_tokens_per_layer
-    assert checks["vision"].shapes["image_features"][1] == plan.vision_tokens_per_layer[0] - 1  # CLS dropped
+    assert checks["vision"].shapes["image_features"][1] == plan.image_tokens_per_layer[0]  # what enters the LLM
+    assert plan.vision_tokens_per_layer == [65]  # the tiny tower runs one layer: 64 patches + CLS
     assert plan.kv_bytes < plan.kv_bytes_unreduced and plan.prefill_flops_ratio < 1
     at_64 = make_plan(hf_model.config, schedule, text_tokens=64)  # the manifest's ratio is taken at 64 text tokens
     assert at_64.prefill_flops_ratio == pytest.approx(result.manifest["schedule"]["prefill_flops_ratio"], rel=1e-9)

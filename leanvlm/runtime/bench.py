@@ -68,7 +68,6 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
                      new_tokens: int = 32, repeats: int = 5, warmup: int = 2, threads: int | None = None) -> dict:
     """Measure one engine in this process (use `bench_engine` for a clean subprocess)."""
     from leanvlm.reduction.flops import prefill_flops_ratio
-    from leanvlm.reduction.schedule import Schedule
     from leanvlm.runtime import Pipeline
 
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
@@ -85,14 +84,15 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
         pipe.generate(images=images, prompts=prompts, **kw)
     runs = [pipe.generate(images=images, prompts=prompts, **kw)[0] for _ in range(repeats)]
     m = pipe.manifest["model"]
-    schedule = Schedule.from_dict(pipe.manifest["schedule"])
+    schedule = pipe.schedule
     flops = prefill_flops_ratio(schedule, text_tokens, m["hidden_size"], m["intermediate_size"],
                                 m["num_kv_heads"] / m["num_heads"])
     return {
         "engine": str(engine), "backend": backend, "device": getattr(pipe.backend, "device", "cpu").__str__(),
         "batch": batch, "text_tokens": text_tokens, "image_tokens": m["num_image_tokens"],
         "prompt_tokens": text_tokens + m["num_image_tokens"], "new_tokens": new_tokens,
-        "schedule": pipe.manifest["schedule"]["stages"], "theoretical_prefill_flops_ratio": flops,
+        "schedule": pipe.manifest["schedule"], "theoretical_prefill_flops_ratio": flops,
+        "vision_s": _stats([r.timings["vision_s"] for r in runs]),
         "prefill_s": _stats([r.timings["prefill_s"] for r in runs]),
         "ttft_s": _stats([r.timings["ttft_s"] for r in runs]),
         "decode_tokens_per_s": _stats([r.timings["decode_tokens_per_s"] for r in runs]),

@@ -159,7 +159,11 @@ class Pipeline:
         batch = self.preprocess(images, prompts)
         be = self.backend
         sync = getattr(be, "synchronize", lambda: None)
+        sync()
+        t_vision = time.perf_counter()
         feats, v_kept, v_targets = be.vision(batch.pixel_values)
+        sync()
+        t_vision_end = time.perf_counter()
         embeds = be.embed(batch.input_ids, feats)
         sync()
         t_pre = time.perf_counter()
@@ -199,7 +203,8 @@ class Pipeline:
         sync()
         t_end = time.perf_counter()
         decode_s = t_end - t_first
-        timings = {"ttft_s": t_first - t0, "preprocess_vision_embed_s": t_pre - t0, "prefill_s": t_prefilled - t_pre,
+        timings = {"ttft_s": t_first - t0, "preprocess_s": t_vision - t0, "vision_s": t_vision_end - t_vision,
+                   "embed_s": t_pre - t_vision_end, "prefill_s": t_prefilled - t_pre,
                    "decode_s": decode_s, "decode_steps": steps,
                    "decode_tokens_per_s": steps * batch.size / decode_s if steps and decode_s > 0 else None,
                    "total_s": t_end - t0}
