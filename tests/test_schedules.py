@@ -172,3 +172,43 @@ def test_plan_cli_json(capsys, tiny_dir):
     assert d["llm_tokens_per_layer"] == [64 + 64, 64 + 32, 64 + 16, 64 + 8]
     assert 0 < d["prefill_flops_ratio"] < 1 and d["vision_flops_ratio"] == 1
     assert main(["plan", "--model", str(tiny_dir), "--method", "pdrop", "--keep", "0"]) == 2
+
+
+def test_mean_received_score_matches_hf_eager_attention(tmp_path, tiny_dir, processor, hf_model):
+    """score mean_received (FastV's paper text): attention each image token receives in layer K-1, averaged
+    over heads and over every non-pad query; checked against HF eager attentions, then exported."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = tmp_path / "s.yaml"
+    path.write_text("stages:\n  - {layer: 2, keep: 0.25, score: mean_received}\n")
+    schedule = Schedule.from_file(path, 4, 64)
+    assert schedule.stages[0].score == "mean_received"
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
+    enc = processor(images=images(3), text=[chat(processor, p) for p in PROMPTS], return_tensors="pt", padding=True)
+    ref = ReducedLlava(eager, schedule)
+    pos = prompt_positions(enc["attention_mask"])
+    start = image_starts(enc["input_ids"], ref.image_token_id, 64)
+    with torch.no_grad():
+        embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"])[0])
+        _, _, (kept,), _ = ref.prefill(embeds, enc["attention_mask"], pos, start)
+        att = eager(**enc, position_ids=pos, output_attentions=True).attentions[1]
+    clear = 0
+    for b in range(3):
+        rows = enc["attention_mask"][b].bool()
+        scores = att[b].mean(0)[rows].mean(0)[start[b]: start[b] + 64]
+        order = scores.sort(descending=True).values
+        if order[15] - order[16] > 1e-6:
+            assert set(kept[b].tolist()) == set(scores.topk(16).indices.tolist())
+            clear += 1
+    assert clear >= 2
+    out = tmp_path / "eng"
+    assert export_engine_main(["--model", str(tiny_dir), "--schedule", str(path), "--out", str(out)]) == 0
+    assert all(c.worst < 1e-4 and c.kept_equal for c in check_engine(ReducedLlava(hf_model, schedule),
+                                                                     load_sessions(out), [5, 12, 9]))
+
+
+def test_mean_received_needs_previous_layer(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("stages:\n  - {layer: 2, keep: 0.25, score: mean_received, score_at: current}\n")
+    with pytest.raises(UserError, match=r"stage 0 \(layer 2\): score mean_received .*score_at: previous"):
+        Schedule.from_file(path, 4, 64)

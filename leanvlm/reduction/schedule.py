@@ -26,7 +26,7 @@ POSITIONS = ("keep", "renumber")
 LLM_ACTIONS = ("drop", "merge")
 # where -> (allowed scores, allowed actions); the first of each is the default
 PLACES = {
-    "llm": (("last_token",), LLM_ACTIONS),
+    "llm": (("last_token", "mean_received"), LLM_ACTIONS),
     "vision": (("mean_received",), ("merge",)),
     "projector": (("cls",), ("visionzip",)),
 }
@@ -47,6 +47,7 @@ class LLMStage:
     score_at: str = "previous"
     positions: str = "keep"
     action: str = "drop"  # or "merge": iLLaVA's rank-weighted merge of the removed tokens into one kept
+    score: str = "last_token"  # or "mean_received": attention each token receives, mean over all queries
     kind: str = "llm"
 
     @property
@@ -283,7 +284,7 @@ def _parse_stage(raw, where: str, n: int):
             if f in raw:
                 raise UserError(f"{where}: {f} is not a field of llm stages")
         return LLMStage(layer=layer, num_keep=num_keep, keep=num_keep / n, score_at=raw.get("score_at", "previous"),
-                        positions=raw.get("positions", "keep"), action=action)
+                        positions=raw.get("positions", "keep"), action=action, score=score)
     for f in ("score_at", "positions"):
         if f in raw:
             raise UserError(f"{where}: {f} is a field of llm stages, not {place} stages")
@@ -333,6 +334,11 @@ def validate(schedule: Schedule) -> None:
             raise UserError(f"{where}: positions {s.positions!r}: choose one of {', '.join(POSITIONS)}")
         if s.action not in LLM_ACTIONS:
             raise UserError(f"{where}: action {s.action!r}: choose one of {', '.join(LLM_ACTIONS)}")
+        if s.score not in PLACES["llm"][0]:
+            raise UserError(f"{where}: score {s.score!r}: choose one of {', '.join(PLACES['llm'][0])}")
+        if s.score == "mean_received" and s.score_at != "previous":
+            raise UserError(f"{where}: score mean_received is taken from the previous layer's attention; "
+                            "use score_at: previous")
         prev_layer, count = s.layer, s.num_keep
 
 

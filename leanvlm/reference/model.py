@@ -185,8 +185,9 @@ class ReducedLlava(nn.Module):
                 cos, sin = self.lm.rotary_emb(h, position_ids)
                 seq_len, n_image = h.shape[1], stage.num_keep
                 kept_all.append(original)
-            want_score = self.schedule.scores_at(i) is not None
-            h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, want_score)
+            scorer = self.schedule.scores_at(i)
+            h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, scorer and scorer.score,
+                                          attention_mask)
             presents.append((k, v))
         logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
         return logits, presents, kept_all, targets_all
@@ -221,7 +222,7 @@ class ReducedLlava(nn.Module):
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.lm.layers):
             pk, pv = past[i]
-            h, k, v, _ = self._layer(layer, h, cos, sin, masks[self.schedule.group_of(i)], pk, pv, False)
+            h, k, v, _ = self._layer(layer, h, cos, sin, masks[self.schedule.group_of(i)], pk, pv, None)
             new_kv.append((k, v))
         logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
         return logits, new_kv
@@ -244,7 +245,10 @@ class ReducedLlava(nn.Module):
         k = repeat_kv(self._project(attn.k_proj, x, cos, sin, self.num_kv_heads), self.num_heads // self.num_kv_heads)
         return select.last_query_scores(q, k, mask[:, :, -1:], attn.scaling)
 
-    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, want_score):
+    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, score: str | None, query_mask=None):
+        """One decoder layer. `score` ("last_token" | "mean_received" | None) also returns head-mean attention
+        scores over the keys [B, S]: from the last query row only, or averaged over every non-pad query row
+        (that one needs this layer's full attention matrix, so it is computed explicitly here)."""
         attn = layer.self_attn
         b, t, _ = h.shape
         x = layer.input_layernorm(h)
@@ -255,9 +259,15 @@ class ReducedLlava(nn.Module):
         v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
         n_rep = self.num_heads // self.num_kv_heads
         kr, vr = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
-        o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=attn.scaling)
         scores = None
-        if want_score:
+        if score == "mean_received":
+            probs = torch.softmax(torch.matmul(q, kr.transpose(-1, -2)) * attn.scaling + mask, dim=-1)
+            o = torch.matmul(probs, vr)
+            rows = query_mask.to(probs.dtype)[:, :, None]  # pad queries do not vote
+            scores = (probs.mean(1) * rows).sum(1) / rows.sum(1)
+        else:
+            o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=attn.scaling)
+        if score == "last_token":
             scores = select.last_query_scores(q[:, :, -1:], kr, mask[:, :, -1:], attn.scaling)
         o = attn.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         h = h + o
