@@ -10,7 +10,8 @@ def test_manifest_describes_the_export(engines):
     m = load_manifest(engines(0.33).out)
     assert m["schema_version"] == SCHEMA_VERSION
     assert m["schedule"]["stages"][0] == {"layer": 2, "keep": 21 / 64, "num_keep": 21, "kind": "llm",
-                                          "score_at": "previous", "positions": "keep", "action": "drop"}
+                                          "score_at": "previous", "positions": "keep", "action": "drop",
+                                          "score": "last_token"}
     assert m["schedule"]["method"] == "fastv" and m["schedule"]["keep"] == 0.33
     assert len(m["source"]["config_sha256"]) == 64
     assert set(m["versions"]) >= {"leanvlm", "torch", "transformers", "onnx", "onnxruntime"}
