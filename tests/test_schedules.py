@@ -30,20 +30,27 @@ def test_renumber_positions_are_contiguous_after_left_padding():
     assert select.renumber_positions(mask).tolist() == [[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
-def test_pdrop_first_stage_matches_hf_eager_attention_of_that_layer(tiny_dir, processor):
-    """score_at current: the ranking is the drop layer's own attention (last row, head mean) over its input."""
+def _eager_run(tiny_dir, processor, schedule, attention_layer: int):
+    """A one-stage schedule on HF's eager model over the 3-prompt batch: (kept [B, k], HF's own attention
+    probabilities at `attention_layer` [B, H, L, L], the batch, image starts)."""
     from transformers import LlavaForConditionalGeneration
 
     eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
     enc = processor(images=images(3), text=[chat(processor, p) for p in PROMPTS], return_tensors="pt", padding=True)
-    schedule = Schedule(4, 64, (Schedule.pdrop(4, 64, 0.125).stages[0],), "pdrop")
     ref = ReducedLlava(eager, schedule)
     pos = prompt_positions(enc["attention_mask"])
     start = image_starts(enc["input_ids"], ref.image_token_id, 64)
     with torch.no_grad():
         embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"])[0])
         _, _, (kept,), _ = ref.prefill(embeds, enc["attention_mask"], pos, start)
-        att = eager(**enc, position_ids=pos, output_attentions=True).attentions[1]
+        att = eager(**enc, position_ids=pos, output_attentions=True).attentions[attention_layer]
+    return kept, att, enc, start
+
+
+def test_pdrop_first_stage_matches_hf_eager_attention_of_that_layer(tiny_dir, processor):
+    """score_at current: the ranking is the drop layer's own attention (last row, head mean) over its input."""
+    schedule = Schedule(4, 64, (Schedule.pdrop(4, 64, 0.125).stages[0],), "pdrop")
+    kept, att, enc, start = _eager_run(tiny_dir, processor, schedule, attention_layer=1)
     clear = 0
     for b in range(3):
         scores = att[b, :, -1].mean(0)[start[b]: start[b] + 64]
@@ -177,21 +184,11 @@ def test_plan_cli_json(capsys, tiny_dir):
 def test_mean_received_score_matches_hf_eager_attention(tmp_path, tiny_dir, processor, hf_model):
     """score mean_received (FastV's paper text): attention each image token receives in layer K-1, averaged
     over heads and over every non-pad query; checked against HF eager attentions, then exported."""
-    from transformers import LlavaForConditionalGeneration
-
     path = tmp_path / "s.yaml"
     path.write_text("stages:\n  - {layer: 2, keep: 0.25, score: mean_received}\n")
     schedule = Schedule.from_file(path, 4, 64)
     assert schedule.stages[0].score == "mean_received"
-    eager = LlavaForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager").eval()
-    enc = processor(images=images(3), text=[chat(processor, p) for p in PROMPTS], return_tensors="pt", padding=True)
-    ref = ReducedLlava(eager, schedule)
-    pos = prompt_positions(enc["attention_mask"])
-    start = image_starts(enc["input_ids"], ref.image_token_id, 64)
-    with torch.no_grad():
-        embeds = ref.embed(enc["input_ids"], ref.vision(enc["pixel_values"])[0])
-        _, _, (kept,), _ = ref.prefill(embeds, enc["attention_mask"], pos, start)
-        att = eager(**enc, position_ids=pos, output_attentions=True).attentions[1]
+    kept, att, enc, start = _eager_run(tiny_dir, processor, schedule, attention_layer=1)
     clear = 0
     for b in range(3):
         rows = enc["attention_mask"][b].bool()

@@ -35,6 +35,17 @@ def machine() -> dict:
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def fresh_workdir(work: Path) -> Path:
+    """Quiet transformers' progress bars and start from an empty work directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
 def op_counts(path: Path) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
@@ -54,13 +65,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/leanvlm-bench"))
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    work = args.work
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_workdir(args.work)
     tiny = make_tiny(work / "tiny")
     mid = make_tiny(work / "mid", preset="mid")
 

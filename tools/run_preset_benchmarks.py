@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from leanvlm.export.engine import resolve_schedule  # noqa: E402
 from leanvlm.models import make_tiny  # noqa: E402
 from leanvlm.reduction.plan import make_plan  # noqa: E402
 from leanvlm.runtime.bench import bench_engine  # noqa: E402
-from run_benchmarks import machine  # noqa: E402
+from run_benchmarks import fresh_workdir, machine  # noqa: E402
 
 METHODS = ("fastv", "pdrop", "illava", "visionzip")
 TEXT_TOKENS = 70
@@ -33,12 +32,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     from transformers import LlavaConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    fresh_workdir(args.work)
     mid = make_tiny(args.work / "mid", preset="mid")
     cfg = LlavaConfig.from_pretrained(mid)
     kw = dict(batch=1, prompt_len=TEXT_TOKENS, new_tokens=4, repeats=args.repeats, warmup=3)
