@@ -298,6 +298,40 @@ def _viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from leanvlm.eval.harness import evaluate, load_jsonl, shapes_items
+    from leanvlm.runtime import Pipeline
+
+    _quiet_transformers()
+    if (args.task is None) == (args.data is None):
+        raise UserError("give --task shapes or --data FILE.jsonl")
+    if args.batch is not None and args.batch < 1:
+        raise UserError(f"--batch {args.batch}: must be >= 1")
+    items = shapes_items(args.n, args.seed) if args.task else load_jsonl(args.data)
+    pipe = Pipeline.load(args.engine, backend=args.backend)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("evaluating", total=len(items))
+        report = evaluate(pipe, items, args.batch, on_batch=lambda done, _total: progress.update(task, completed=done))
+    if args.json:
+        print(json.dumps(report.to_dict(args.predictions), indent=2))
+        return 0
+    t = Table(title=f"{args.engine}: {args.task or args.data}, {report.n} samples, {report.seconds:.1f} s")
+    t.add_column("question type")
+    t.add_column("n", justify="right")
+    t.add_column("accuracy", justify="right")
+    for name, row in sorted(report.per_type.items()):
+        t.add_row(name, str(row["n"]), f"{row['accuracy']:.1%}")
+    t.add_row("all", str(report.n), f"{report.accuracy:.1%}")
+    Console().print(t)
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -370,6 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=Path("kept.png"))
     v.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
     v.set_defaults(func=_viz)
+
+    ev = sub.add_parser("eval", help="accuracy of an engine on the shapes task or a JSONL file")
+    ev.add_argument("engine", type=Path)
+    ev.add_argument("--task", choices=("shapes",))
+    ev.add_argument("--data", type=Path, help="JSONL: {image, question, answers[, type]} per line")
+    ev.add_argument("--n", type=int, default=500, help="shapes: held-out samples (default 500)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch", type=int, help="requests per batch (default: the engine's max batch)")
+    ev.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    ev.add_argument("--predictions", action="store_true", help="with --json: include every prediction")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
     return p
 
 
