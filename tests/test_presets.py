@@ -91,3 +91,19 @@ def test_schedule_file_with_vision_stages(tmp_path, tiny_dir, hf_model):
     assert [len(k) for k in res.kept] == [40, 24, 12] and [len(m) for m in res.merged] == [1, 4, 1]
     ref = ReducedLlava(hf_model, pipe.schedule)
     assert all(c.worst < 1e-4 and c.kept_equal for c in check_engine(ref, load_sessions(out), [4, 9]))
+
+
+def test_vit_stage_path_equals_hf_when_it_merges_nothing(hf_model, processor):
+    """A vit_merge that keeps every token (r = 0) runs the hand-wired CLIP attention + MLP path: its features
+    must equal Hugging Face's own vision tower + projector."""
+    import torch
+
+    from leanvlm.reduction.schedule import VisionStage
+
+    schedule = Schedule(4, 64, (), "file", (VisionStage("vit_merge", num_keep=64, keep=1.0, layer=0),), 1)
+    enc = processor(images=images(2), text=["<image>"] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours, (kept,), _ = ReducedLlava(hf_model, schedule).vision(enc["pixel_values"])
+        theirs = torch.stack(list(hf_model.model.get_image_features(enc["pixel_values"]).pooler_output))
+    assert kept.tolist() == [list(range(64))] * 2
+    assert torch.allclose(ours, theirs, atol=1e-5)

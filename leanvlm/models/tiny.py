@@ -56,6 +56,9 @@ PRESETS = {
     "mid": dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
                 text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=8, text_intermediate=1376,
                 vocab_size=32000),
+    # the trained shapes-llava (tools/train_shapes.py): 112 px / patch 8 = 196 image tokens
+    "shapes": dict(image_size=112, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
+                   text_hidden=192, text_layers=4, text_heads=6, text_kv_heads=2, text_intermediate=384),
 }
 
 
@@ -98,6 +101,38 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides)
     """Write a loadable small LLaVA checkpoint (config, safetensors, tokenizer, processor) to `out`.
 
     `preset` picks a named size (see PRESETS); keyword overrides change single fields.
+    Written to a temporary sibling directory and moved into place when complete.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"make-tiny: {out} exists and is not empty; choose another directory or remove it")
+    model, processor = build_llava(seed, preset, random_spread=True, **overrides)
+    return save_checkpoint(model, processor, out)
+
+
+def save_checkpoint(model, processor, out: Path) -> Path:
+    """Save model (safetensors) and processor into `out` atomically (temporary sibling, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_llava(seed: int = 0, preset: str = "tiny", random_spread: bool = True, **overrides):
+    """A LlavaForConditionalGeneration and its LlavaProcessor of a named size, in memory.
+
+    random_spread: re-draw weights for distinct random behaviour (test checkpoints); False keeps
+    Hugging Face's initialisation (for training).
 
     Written to a temporary sibling directory and moved into place when complete.
     """
@@ -113,9 +148,6 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides)
     p = {**TINY_DEFAULTS, **PRESETS[preset], **overrides}
     if p["image_size"] % p["patch_size"]:
         raise UserError(f"make-tiny: image_size {p['image_size']} is not a multiple of patch_size {p['patch_size']}")
-    out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"make-tiny: {out} exists and is not empty; choose another directory or remove it")
 
     tokenizer = build_tokenizer(TOKENIZER_VOCAB)
     vocab = max(len(tokenizer), p["vocab_size"])
@@ -155,8 +187,9 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides)
     config.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    _spread_weights(model, seed)
-    _prefer_printable(model, tokenizer)
+    if random_spread:
+        _spread_weights(model, seed)
+        _prefer_printable(model, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -174,19 +207,7 @@ def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides)
         chat_template=CHAT_TEMPLATE,
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return model, processor
 
 
 def _prefer_printable(model, tokenizer) -> None:
