@@ -169,9 +169,9 @@ class Pipeline:
         t_pre = time.perf_counter()
         logits, presents, l_kept, l_targets = be.prefill(embeds, batch.attention_mask, batch.position_ids,
                                                          batch.image_start)
-        kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
         sync()
         t_prefilled = time.perf_counter()
+        kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
         m = self.manifest["model"]
         cache = KVCache(self.groups, batch.size, m["num_kv_heads"], m["head_dim"], batch.input_ids.shape[1],
                         m["num_image_tokens"], params.max_new_tokens, be.alloc,
