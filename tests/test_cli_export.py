@@ -118,8 +118,8 @@ def test_failure_mid_export_leaves_nothing(monkeypatch, tmp_path, tiny_dir):
 
     monkeypatch.setattr("leanvlm.export.verify.check_engine", broken)
     with pytest.raises(EngineError):
-        engine_mod.export_engine(engine_mod.ExportOptions(model=str(tiny_dir), keep=0.5, out=tmp_path / "o"))
-    assert list(tmp_path.iterdir()) == []
+        engine_mod.export_engine(engine_mod.ExportOptions(model=str(tiny_dir), keep=0.5, out=tmp_path / "new" / "dir" / "o"))
+    assert list(tmp_path.iterdir()) == []  # neither the engine nor the parents the export created
 
 
 def test_console_script_exit_code(tmp_path):

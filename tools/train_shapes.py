@@ -50,13 +50,18 @@ def encode(processor, samples, with_answers: bool):
                 pixel_values=enc["pixel_values"]), target
 
 
-def first_token_accuracy(model, processor, samples) -> float:
+def first_token_accuracy(model, processor, samples) -> tuple[float, dict]:
+    """Held-out accuracy of the answer's first token, overall and per question type."""
     tok = processor.tokenizer
     inputs, _ = encode(processor, samples, with_answers=False)
     with torch.no_grad():
         logits = model(**inputs).logits[:, -1]
     want = torch.tensor([tok(" " + s.answers[0], add_special_tokens=False)["input_ids"][0] for s in samples])
-    return (logits.argmax(-1) == want).float().mean().item()
+    hits = (logits.argmax(-1) == want).tolist()
+    per_type: dict = {}
+    for s, h in zip(samples, hits):
+        per_type.setdefault(s.qtype, []).append(h)
+    return sum(hits) / len(hits), {k: round(sum(v) / len(v), 2) for k, v in sorted(per_type.items())}
 
 
 def main() -> int:
@@ -98,13 +103,13 @@ def main() -> int:
         step += 1
         if step % 50 == 0 or step == 1:
             model.eval()
-            acc = first_token_accuracy(model, processor, held_out)
+            acc, per_type = first_token_accuracy(model, processor, held_out)
             model.train()
             print(f"step {step} {elapsed / 60:.1f} min loss {loss.item():.3f} lr {lr:.2e} held-out first-token "
-                  f"acc {acc:.3f}", flush=True)
+                  f"acc {acc:.3f} {per_type}", flush=True)
     model.eval()
-    print(f"done: {step} steps, {index} samples, final held-out first-token acc "
-          f"{first_token_accuracy(model, processor, held_out):.3f}", flush=True)
+    acc, per_type = first_token_accuracy(model, processor, held_out)
+    print(f"done: {step} steps, {index} samples, final held-out first-token acc {acc:.3f} {per_type}", flush=True)
     save_checkpoint(model, processor, args.out)
     print(f"saved {args.out}")
     return 0

@@ -97,12 +97,12 @@ def validate_options(opts: ExportOptions) -> Path:
 
 def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = None) -> ExportResult:
     """Export `opts.model` with a FastV schedule to an engine directory; see the module docstring."""
+    from transformers import LlavaConfig
+
     from leanvlm.engines.trt_lint import lint_onnx
     from leanvlm.export.graphs import build_specs
     from leanvlm.export.onnx_export import export_graph
     from leanvlm.export.verify import check_engine, load_sessions
-    from transformers import LlavaConfig
-
     from leanvlm.models import load_model, resolve_model
     from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.reference import ReducedLlava
@@ -127,6 +127,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     model = loaded.model
     ref = ReducedLlava(model, schedule).eval()
 
+    created = [p for p in [out.parent.absolute(), *out.parent.absolute().parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -157,6 +158,11 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents this export made, innermost first: leave nothing behind
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise
     sizes = {g: sum(p.stat().st_size for p in out.glob(f"{g}.onnx*")) for g in graphs}
     manifest = json.loads((out / MANIFEST_NAME).read_text())
