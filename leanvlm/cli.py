@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from leanvlm.errors import EngineError, UserError
+from leanvlm.reduction.schedule import METHODS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +36,7 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                    help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
     p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
                    "1 = unreduced (required unless --schedule)")
-    p.add_argument("--method", choices=("fastv", "pdrop", "illava", "visionzip"), default="fastv",
+    p.add_argument("--method", choices=METHODS, default="fastv",
                    help="reduction preset (default fastv): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
                         "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep; illava = merges in four middle "
                         "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM")
@@ -113,12 +114,12 @@ def _print_export_summary(result) -> None:
         console.print(f"[yellow]TensorRT lint: {len(result.lint)} issue(s)[/yellow]: " + "; ".join(result.lint[:5]))
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.1f} GiB"
 
 
 def export_engine_main(argv: list[str] | None = None) -> int:
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="token counts, FLOPs and KV bytes of a schedule, from the model config")
     pl.add_argument("--model", required=True)
-    pl.add_argument("--method", choices=("fastv", "pdrop", "illava", "visionzip"), default="fastv")
+    pl.add_argument("--method", choices=METHODS, default="fastv")
     pl.add_argument("--keep", type=float)
     pl.add_argument("--layer", type=int, default=2)
     pl.add_argument("--schedule", type=Path)

@@ -1,5 +1,5 @@
 """Visual-token reduction: the schedule, scoring, selection (pure torch, shape-static)."""
 
-from leanvlm.reduction.schedule import FastVStage, Schedule
+from leanvlm.reduction.schedule import LLMStage, Schedule, VisionStage
 
-__all__ = ["FastVStage", "Schedule"]
+__all__ = ["LLMStage", "Schedule", "VisionStage"]

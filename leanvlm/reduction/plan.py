@@ -46,7 +46,7 @@ class Plan:
 
 def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes: int = 4) -> Plan:
     """Token counts, FLOPs and KV bytes of `schedule` on a LLaVA `config` for a prompt of `text_tokens`."""
-    from leanvlm.reference.model import num_image_tokens, vision_layers_used
+    from leanvlm.reference.model import vision_layers_used
 
     v, t = config.vision_config, config.text_config
     n_vit = (v.image_size // v.patch_size) ** 2  # patches; CLS is added below
@@ -59,7 +59,7 @@ def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes:
     vision_full = vision_layer_flops(n_vit + 1, v.hidden_size, v.intermediate_size) * len(vision_tokens)
     image = schedule.image_tokens_per_layer()
     kv_ratio = t.num_key_value_heads / t.num_attention_heads
-    n_full = num_image_tokens(config)
+    n_full = schedule.num_image_tokens  # every patch token reaches the unreduced LLM
     dims = (t.hidden_size, t.intermediate_size, kv_ratio)
     prefill = prefill_flops(schedule, text_tokens, *dims)
     prefill_full = prefill_flops(Schedule(schedule.num_layers, n_full), text_tokens, *dims)

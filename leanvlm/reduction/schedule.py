@@ -75,9 +75,6 @@ class VisionStage:
         return self.kind == "vit_merge" or self.contextual > 0
 
 
-# Backwards-compatible name: a FastV stage is an LLM stage scored from the previous layer.
-FastVStage = LLMStage
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -139,8 +136,8 @@ class Schedule:
         if keep == 1.0:
             return cls(num_layers, num_image_tokens, vision_layers=vision_layers)
         total = _count(keep, num_image_tokens, "--keep")
-        contextual = min(round(total * 10 / 64), total - 1)
-        stage = VisionStage("visionzip", num_keep=total, keep=total / num_image_tokens, contextual=contextual)
+        stage = VisionStage("visionzip", num_keep=total, keep=total / num_image_tokens,
+                            contextual=_visionzip_contextual(total))
         return cls(num_layers, num_image_tokens, (), "visionzip", (stage,), vision_layers)
 
     @classmethod
@@ -280,9 +277,8 @@ def _parse_stage(raw, where: str, n: int):
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise UserError(f"{where}: layer {layer!r} is not an integer")
     if place == "llm":
-        for f in ("contextual",):
-            if f in raw:
-                raise UserError(f"{where}: {f} is not a field of llm stages")
+        if "contextual" in raw:
+            raise UserError(f"{where}: contextual is not a field of llm stages")
         return LLMStage(layer=layer, num_keep=num_keep, keep=num_keep / n, score_at=raw.get("score_at", "previous"),
                         positions=raw.get("positions", "keep"), action=action, score=score)
     for f in ("score_at", "positions"):
@@ -290,7 +286,7 @@ def _parse_stage(raw, where: str, n: int):
             raise UserError(f"{where}: {f} is a field of llm stages, not {place} stages")
     if place == "vision":
         return VisionStage("vit_merge", num_keep=num_keep, keep=num_keep / n, layer=layer)
-    contextual = raw.get("contextual", round(num_keep * 10 / 64))
+    contextual = raw.get("contextual", _visionzip_contextual(num_keep))
     if isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 0:
         raise UserError(f"{where}: contextual {contextual!r} must be a non-negative integer")
     return VisionStage("visionzip", num_keep=num_keep, keep=num_keep / n, contextual=contextual)
@@ -347,6 +343,11 @@ def _check_count(where: str, keep: int, before: int, total: int) -> None:
         raise UserError(f"{where}: keep rounds to 0 of {total} image tokens")
     if keep > before:
         raise UserError(f"{where}: keep {keep} tokens would increase the count ({before} before it)")
+
+
+def _visionzip_contextual(total: int) -> int:
+    """VisionZip's contextual share: 10 of 64 tokens (its 54 + 10 default), leaving at least one dominant."""
+    return min(round(total * 10 / 64), total - 1)
 
 
 def _check_keep(keep) -> None:
