@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-OUT ?= out/tiny-llava
+OUT ?= out/shapes-llava
+QUESTION ?= Which is further left, the blue square or the red circle? Answer with one word.
 
 .PHONY: install demo test clean
 
@@ -16,8 +17,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/export-engine --model tiny-llava --keep 0.33 --out $(OUT) --force
-	$(BIN)/leanvlm generate $(OUT) --image leanvlm/assets/example.png --prompt "What is in the picture?" --max-new-tokens 16
+	$(BIN)/export-engine --model shapes-llava --keep 0.33 --out $(OUT) --force
+	@echo "Q: $(QUESTION)"
+	@printf "A: " && $(BIN)/leanvlm generate $(OUT) --image leanvlm/assets/shapes-example.png --prompt "$(QUESTION)" --max-new-tokens 4
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -80,7 +80,33 @@ def main() -> None:
     ops = ex["exports"][1]["prefill_ops"]
     lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
+    lines += accuracy_section()
     (BENCH / "README.md").write_text("\n".join(lines))
+
+
+def accuracy_section() -> list[str]:
+    """What each reduction costs in accuracy (accuracy-shapes.json from tools/run_accuracy_table.py)."""
+    path = BENCH / "accuracy-shapes.json"
+    if not path.exists():
+        return []
+    acc = json.loads(path.read_text())
+    base, s = acc["unreduced"], acc["settings"]
+    types = ", ".join(f"{k} {v:.1%}" for k, v in base["per_type"].items())
+    lines = ["## Accuracy per reduction (`accuracy-shapes.json`, `accuracy-shapes.png`)", "",
+             f"Made by `{acc['command']}`. Model: {acc['model']}. Data: {acc['data']}. {s['backend']}, "
+             f"{s['decoding']}; keep = {s['keep']}; FastV at layer {s['fastv_layer']}. FLOPs ratios from "
+             f"`leanvlm plan` at {s['text_tokens_for_flops']} text tokens (the mean prompt). Greedy agreement: "
+             "answers whose generated tokens equal the unreduced engine's, token for token.", "",
+             f"Unreduced: **{base['accuracy']:.1%}** ({types}).", "",
+             "![accuracy vs prefill FLOPs](accuracy-shapes.png)", "",
+             "| method | keep | LLM image tokens | accuracy | greedy agreement | prefill FLOPs | vision FLOPs | "
+             "per type |", "|---|---|---|---|---|---|---|---|"]
+    for r in acc["rows"]:
+        per = ", ".join(f"{k} {v:.0%}" for k, v in r["per_type"].items())
+        lines.append(f"| {r['method']} | {r['keep']} | {r['llm_image_tokens']} | {r['accuracy']:.1%} | "
+                     f"{r['greedy_agreement']:.1%} | {r['prefill_flops_ratio']:.3f} | {r['vision_flops_ratio']:.3f} | "
+                     f"{per} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":

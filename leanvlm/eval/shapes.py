@@ -21,6 +21,7 @@ CELLS = ("top left", "top", "top right", "left", "middle", "right", "bottom left
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("colour_at", "left_of", "count", "exists")
 SPLITS = ("train", "test")
+IMAGE_SIZE = 96  # shapes-llava's input size: each grid cell is 4x4 patches of 8 px
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def make_scene(rng: np.random.Generator) -> tuple[Shape, ...]:
                        float(rng.uniform(0.55, 0.9))) for c in cells)
 
 
-def render(scene: tuple[Shape, ...], size: int = 112):
+def render(scene: tuple[Shape, ...], size: int = IMAGE_SIZE):
     """Draw a scene on a light background."""
     from PIL import Image, ImageDraw
 
@@ -98,7 +99,7 @@ def ask(scene: tuple[Shape, ...], rng: np.random.Generator, qtype: str | None = 
     return f"Is there a {kind}?", "yes" if any(s.kind == kind for s in scene) else "no", "exists"
 
 
-def sample(seed: int, split: str, index: int, size: int = 112) -> Sample:
+def sample(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> Sample:
     """The index-th sample of a split: the same (seed, split, index) always gives the same sample."""
     rng = _rng(seed, split, index)
     scene = make_scene(rng)
@@ -106,7 +107,7 @@ def sample(seed: int, split: str, index: int, size: int = 112) -> Sample:
     return Sample(render(scene, size), question, [answer], qtype, scene)
 
 
-def generate(n: int, seed: int = 0, split: str = "test", size: int = 112) -> list[Sample]:
+def generate(n: int, seed: int = 0, split: str = "test", size: int = IMAGE_SIZE) -> list[Sample]:
     """n samples of a split. train and test use disjoint random streams."""
     return [sample(seed, split, i, size) for i in range(n)]
 

@@ -14,8 +14,10 @@ MODEL_ALIASES: dict[str, str] = {
     "llava-7b": "llava-hf/llava-1.5-7b-hf",
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
 }
-# Built-in checkpoints the project makes itself (no download needed).
-BUILTIN_MODELS = ("tiny-llava",)
+# Built-in checkpoints (no download needed): tiny-llava is made on first use (random weights, for parity
+# tests); shapes-llava is trained on the shapes task by tools/train_shapes.py and ships inside the package.
+BUILTIN_MODELS = ("tiny-llava", "shapes-llava")
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets"
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -41,7 +43,7 @@ def cache_dir() -> Path:
 def resolve_model(name: str) -> Path:
     """Turn a `--model` value into a local checkpoint directory, or raise a `UserError` saying how to get it."""
     if not name or not name.strip():
-        raise UserError("--model is empty: give an alias (llava-7b, llava-13b, tiny-llava), a hub id or a local path")
+        raise UserError("--model is empty: give an alias (llava-7b, llava-13b, tiny-llava, shapes-llava), a hub id or a local path")
     if name in BUILTIN_MODELS:
         return _builtin(name)
     repo = MODEL_ALIASES.get(name, name)
@@ -60,6 +62,12 @@ def resolve_model(name: str) -> Path:
 def _builtin(name: str) -> Path:
     from leanvlm.models.tiny import make_tiny
 
+    if name != "tiny-llava":
+        path = SHIPPED_DIR / name
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {name}: the shipped checkpoint is missing from {path}; reinstall leanvlm "
+                            f"or retrain it with tools/train_shapes.py --out {path}")
+        return path
     path = cache_dir() / name
     if not (path / "config.json").is_file():
         make_tiny(path, seed=0)

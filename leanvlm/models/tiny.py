@@ -56,9 +56,9 @@ PRESETS = {
     "mid": dict(image_size=336, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4,
                 text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=8, text_intermediate=1376,
                 vocab_size=32000),
-    # the trained shapes-llava (tools/train_shapes.py): 112 px / patch 8 = 196 image tokens
-    "shapes": dict(image_size=112, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
-                   text_hidden=192, text_layers=4, text_heads=6, text_kv_heads=2, text_intermediate=384),
+    # the trained shapes-llava (tools/train_shapes.py): 96 px / patch 8 = 144 image tokens, 4x4 per grid cell
+    "shapes": dict(image_size=96, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
+                   text_hidden=192, text_layers=4, text_heads=6, text_kv_heads=6, text_intermediate=384),
 }
 
 

@@ -1,0 +1,54 @@
+"""The shipped, trained shapes-llava checkpoint: loads as a built-in model, stays within its size budget and
+answers the held-out shapes questions at the accuracy the README states, through an exported engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from leanvlm.cli import main
+from leanvlm.eval.harness import evaluate, shapes_items
+from leanvlm.models.loading import SHIPPED_DIR, resolve_model
+
+STATED_ACCURACY = 0.74  # README: 76.8% on 500 held-out questions, 76.0% on these 96 (2 answers of margin)
+SAMPLE = 96  # the first 96 questions of the test split (seed 0): fixed, quick
+
+
+@pytest.fixture(scope="module")
+def shapes_engine(tmp_path_factory):
+    from leanvlm.export import ExportOptions, export_engine
+
+    out = tmp_path_factory.mktemp("shapes") / "unreduced"
+    return export_engine(ExportOptions(model="shapes-llava", keep=1.0, out=out, max_batch=32)).out
+
+
+def test_shipped_checkpoint_is_builtin_and_small():
+    path = resolve_model("shapes-llava")
+    assert path == SHIPPED_DIR / "shapes-llava"
+    weights = sum(f.stat().st_size for f in path.iterdir())
+    assert weights <= 25 * 2**20, f"{weights / 2**20:.1f} MiB > 25 MiB"
+    assert {f.name for f in path.glob("*.safetensors")} and not list(path.glob("*.bin"))
+
+
+def test_missing_shipped_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
+    from leanvlm.errors import UserError
+    from leanvlm.models import loading
+
+    monkeypatch.setattr(loading, "SHIPPED_DIR", tmp_path)
+    with pytest.raises(UserError, match="shapes-llava.*missing.*tools/train_shapes.py"):
+        resolve_model("shapes-llava")
+
+
+def test_shipped_checkpoint_reaches_stated_accuracy(shapes_engine):
+    from leanvlm.runtime import Pipeline
+
+    report = evaluate(Pipeline.load(shapes_engine), shapes_items(SAMPLE), batch_size=32)
+    assert report.n == SAMPLE
+    assert report.accuracy >= STATED_ACCURACY, report.per_type
+
+
+def test_demo_example_answer(shapes_engine, capsys):
+    """The README demo's question about the bundled example image gets the right answer."""
+    image = SHIPPED_DIR / "shapes-example.png"
+    assert main(["generate", str(shapes_engine), "--image", str(image), "--prompt",
+                 "Which is further left, the blue square or the red circle? Answer with one word.", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().lower().startswith("circle")
