@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/export-engine --model shapes-llava --keep 0.33 --out $(OUT) --force
 	@echo "Q: $(QUESTION)"
-	@printf "A: " && $(BIN)/leanvlm generate $(OUT) --image leanvlm/assets/shapes-example.png --prompt "$(QUESTION)" --max-new-tokens 4
+	@printf "A:" && $(BIN)/leanvlm generate $(OUT) --image leanvlm/assets/shapes-example.png --prompt "$(QUESTION)" --max-new-tokens 4
 
 test: install
 	$(BIN)/python -m pytest -q
