@@ -44,6 +44,10 @@ def run_engine(work: Path, name: str, method: str, keep: float, items) -> tuple[
     return report, {"export_s": round(exported, 2), "eval_s": round(report.seconds, 2)}
 
 
+def per_type(report) -> dict[str, float]:
+    return {k: v["accuracy"] for k, v in sorted(report.per_type.items())}
+
+
 def plot(rows: list[dict], baseline: float, path: Path) -> None:
     import matplotlib
 
@@ -52,7 +56,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in METHODS:
-        pts = sorted((r["prefill_flops_ratio"], r["accuracy"], r["keep"]) for r in rows if r["method"] == method)
+        pts = sorted((r["prefill_flops_ratio"], r["accuracy"]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
     ax.axhline(100 * baseline, color="grey", linestyle="--", linewidth=1, label="unreduced")
     ax.set_xlabel("theoretical LLM prefill FLOPs (fraction of unreduced)")
@@ -88,7 +92,7 @@ def main() -> int:
             rows.append({"method": method, "keep": keep, "llm_image_tokens": plan.image_tokens_per_layer[-1],
                          "accuracy": report.accuracy, "greedy_agreement": agree,
                          "prefill_flops_ratio": plan.prefill_flops_ratio, "vision_flops_ratio": plan.vision_flops_ratio,
-                         "per_type": {k: v["accuracy"] for k, v in sorted(report.per_type.items())}, **run})
+                         "per_type": per_type(report), **run})
     report = {"command": f"python tools/run_accuracy_table.py --n {args.n}", "machine": machine(),
               "model": f"{MODEL} (leanvlm/assets/shapes-llava, 144 image tokens, 4 decoder layers)",
               "data": f"shapes task, test split, seed 0, first {args.n} samples",
@@ -96,7 +100,7 @@ def main() -> int:
                            "keep": "fraction of the image tokens that reach the last stage", "fastv_layer": 2,
                            "text_tokens_for_flops": text_tokens},
               "unreduced": {"accuracy": base.accuracy,
-                            "per_type": {k: v["accuracy"] for k, v in sorted(base.per_type.items())}, **base_run},
+                            "per_type": per_type(base), **base_run},
               "rows": rows}
     out = ROOT / "benchmarks"
     (out / "accuracy-shapes.json").write_text(json.dumps(report, indent=2) + "\n")
