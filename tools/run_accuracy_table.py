@@ -19,12 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from leanvlm.eval.harness import evaluate, shapes_items  # noqa: E402
+from leanvlm.eval.harness import evaluate, question_prompt, shapes_items  # noqa: E402
 from leanvlm.export import ExportOptions, export_engine  # noqa: E402
 from leanvlm.export.engine import resolve_schedule  # noqa: E402
 from leanvlm.models.loading import resolve_model  # noqa: E402
 from leanvlm.reduction.plan import make_plan  # noqa: E402
 from leanvlm.runtime import Pipeline  # noqa: E402
+from leanvlm.runtime.preprocess import chat_prompt  # noqa: E402
 from run_benchmarks import fresh_workdir, machine  # noqa: E402
 
 METHODS = ("fastv", "pdrop", "illava", "visionzip")
@@ -111,12 +112,11 @@ def main() -> int:
 
 def _mean_text_tokens(items) -> int:
     """Mean prompt length in text tokens (the chat template around each question; <image> not counted)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(MODEL))
-    lengths = [len(tok(tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
-        "type": "text", "text": f"{i.question} Answer with one word."}]}], add_generation_prompt=True,
-        tokenize=False))["input_ids"]) - 1 for i in items]
+    processor = AutoProcessor.from_pretrained(resolve_model(MODEL))
+    lengths = [len(processor.tokenizer(chat_prompt(processor, question_prompt(i.question)))["input_ids"]) - 1
+               for i in items]
     return round(sum(lengths) / len(lengths))
 
 

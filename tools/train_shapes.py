@@ -34,15 +34,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from leanvlm.eval.harness import question_prompt  # noqa: E402
 from leanvlm.eval.shapes import COLOURS, SHAPES, _rng, ask, make_scene, render, sample  # noqa: E402
 from leanvlm.models.tiny import build_llava, save_checkpoint  # noqa: E402
+from leanvlm.runtime.preprocess import chat_prompt as runtime_prompt  # noqa: E402
 
-SUFFIX = " Answer with one word."
 GRID = 3
+
+
 def chat_prompt(processor, question: str) -> str:
     """The single-turn prompt exactly as the runtime and `leanvlm eval` build it."""
-    return processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": question + SUFFIX}]}], add_generation_prompt=True)
+    return runtime_prompt(processor, question_prompt(question))
 
 
 class Batcher:
@@ -88,7 +90,7 @@ class Batcher:
             for t in range(turns):
                 question, answer, _ = ask(scene, rng)
                 prompt = (self.first_prompt(question) if t == 0 else
-                          self.tok(f"USER: {question}{SUFFIX} ASSISTANT:", add_special_tokens=False)["input_ids"])
+                          self.tok(f"USER: {question_prompt(question)} ASSISTANT:", add_special_tokens=False)["input_ids"])
                 reply = self.answer(answer)
                 ids += prompt + reply
                 lab += [-100] * len(prompt) + reply
@@ -169,9 +171,11 @@ def first_token_accuracy(model, processor, samples) -> tuple[float, dict]:
     tok = processor.tokenizer
     prompts = [chat_prompt(processor, s.question) for s in samples]
     enc = processor(images=[s.image for s in samples], text=prompts, return_tensors="pt", padding=True)
+    enc = enc.to(model.device)
     positions = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
     logits = model(**enc, position_ids=positions).logits[:, -1]
-    want = torch.tensor([tok(" " + s.answers[0], add_special_tokens=False)["input_ids"][0] for s in samples])
+    want = torch.tensor([tok(" " + s.answers[0], add_special_tokens=False)["input_ids"][0] for s in samples],
+                        device=model.device)
     hits = (logits.argmax(-1) == want).tolist()
     per_type: dict = {}
     for s, h in zip(samples, hits):
@@ -225,8 +229,8 @@ def main() -> int:
         opt.step()
         if step % args.eval_every == 0 or step == 1 or step == args.steps:
             model.eval()
-            acc, per_type = first_token_accuracy(model.cpu(), processor, held_out)
-            model.to(device).train()
+            acc, per_type = first_token_accuracy(model, processor, held_out)
+            model.train()
             print(f"step {step}/{args.steps} {(time.time() - t0) / 60:.1f} min answer {answer.item():.3f} aux {aux.item():.3f} "
                   f"lr {lr:.1e} held-out first-token acc {acc:.3f} {per_type}", flush=True)
     model.cpu().eval()

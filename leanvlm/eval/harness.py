@@ -88,6 +88,11 @@ def load_jsonl(path: str | Path) -> list[Item]:
     return items
 
 
+def question_prompt(question: str) -> str:
+    """What the model is asked for a question: short-answer tasks ask for one word."""
+    return f"{question} Answer with one word."
+
+
 def shapes_items(n: int, seed: int = 0) -> list[Item]:
     """The held-out (test) split of the shapes task at the engine's image size."""
     from leanvlm.eval.shapes import generate
@@ -107,7 +112,7 @@ def evaluate(pipe, items: list[Item], batch_size: int | None = None, max_new_tok
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
         results = pipe.generate(images=[i.image for i in chunk],
-                                prompts=[f"{i.question} Answer with one word." for i in chunk],
+                                prompts=[question_prompt(i.question) for i in chunk],
                                 max_new_tokens=max_new_tokens)
         for item, res in zip(chunk, results):
             prediction = normalize(res.text.strip().splitlines()[0] if res.text.strip() else "")

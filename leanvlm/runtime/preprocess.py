@@ -29,6 +29,12 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
+def chat_prompt(processor, prompt: str) -> str:
+    """`prompt` with one image in the checkpoint's chat template, ready for generation."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(msgs, add_generation_prompt=True)
+
+
 class Preprocessor:
     """Wraps the engine's processor; validates against the manifest's limits."""
 
@@ -46,8 +52,7 @@ class Preprocessor:
             if prompt.count(IMAGE_TOKEN) != 1:
                 raise UserError(f"prompt: a templated prompt must hold exactly one {IMAGE_TOKEN}")
             return prompt
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(msgs, add_generation_prompt=True)
+        return chat_prompt(self.processor, prompt)
 
     def __call__(self, images: list, prompts: list[str]) -> Batch:
         if len(images) != len(prompts):
