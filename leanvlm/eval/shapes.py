@@ -111,6 +111,3 @@ def generate(n: int, seed: int = 0, split: str = "test", size: int = IMAGE_SIZE)
     """n samples of a split. train and test use disjoint random streams."""
     return [sample(seed, split, i, size) for i in range(n)]
 
-
-VOCABULARY = " ".join([*COLOURS, *SHAPES, *CELLS, *NUMBERS, "yes", "no", "What colour is the shape at the",
-                       "Which is further left, the or the", "How many shapes are there", "Is there a"])

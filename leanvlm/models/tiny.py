@@ -23,7 +23,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-# Text the tokenizer's merges are learned from: enough words for readable prompts and outputs.
+# Text the tokenizer's merges are learned from: enough words for readable prompts and outputs, and the shapes
+# task's questions and short-answer instruction (eval.harness.question_prompt) so each of their words is one token.
 _CORPUS = """
 USER: ASSISTANT: What is in the picture? Describe the image in detail. What colour is the shape?
 Is there a red circle, a green square, a blue triangle or a yellow star in this photo?
@@ -31,6 +32,8 @@ How many shapes are there? Which shape is left of the other one? The answer is y
 A cat sits on a mat next to a dog. The sky is blue and the grass is green. One two three four five six.
 left right top bottom middle center corner small large big tiny red green blue yellow white black orange
 circle square triangle star shape shapes colour color picture image photo scene object objects there is are
+What colour is the shape at the top left? Which is further left, the red circle or the blue square?
+How many green shapes are there? Is there a triangle? Answer with one word. zero one two three four yes no
 """
 
 TOKENIZER_VOCAB = 512  # BPE merges learned from the corpus; the model's vocab_size may be larger (padded rows)
