@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out/shapes-llava
-QUESTION ?= Which is further left, the blue square or the red circle? Answer with one word.
+QUESTION ?= Which is further left, the yellow triangle or the red circle? Answer with one word.
 
 .PHONY: install demo test clean
 

@@ -9,13 +9,17 @@ end with teacher forcing. What makes it learn on two CPU cores at all:
 
 - each sequence is a multi-turn conversation about one image ("USER: <image>\\nQ1 ... ASSISTANT: A1</s>USER: Q2
   ... ASSISTANT: A2</s>..."), as in LLaVA-1.5's instruction data, with the loss on the answers only: eight
-  supervised answers per image for about twice the compute of one;
+  supervised answers per image for about twice the compute of one. The eight questions differ (a repeated one
+  can be answered by copying) and lean towards the slow-to-learn types (TRAIN_MIX);
 - an auxiliary loss on the projected image tokens (what the decoder sees): linear heads read, at every patch, the
-  colour and kind of the shape in the patch's grid cell and the cell's index. The information stays local to
-  the cell's tokens, so dropping tokens can still cost accuracy. The heads are dropped at save; the checkpoint
-  is a plain LlavaForConditionalGeneration;
-- the vision tower's position embeddings start from 2-D sine-cosine values and the decoder's query/key
-  projections at std 1/sqrt(width): the per-patch targets are learned in ~300 steps instead of ~600.
+  colour and kind of the shape in the patch's grid cell and the cell's row and column (separately, as the
+  questions name them: "top" + "left"). The information stays local to the cell's tokens, so dropping tokens can
+  still cost accuracy. The heads are dropped at save; the checkpoint is a plain LlavaForConditionalGeneration;
+- the vision tower's position embeddings start from 2-D sine-cosine values (per-patch targets learned in ~300
+  steps instead of ~600) and the decoder's projections at std 1/sqrt(fan_in) instead of 0.02 (in 800-step
+  trials: 70% held-out at step 500 instead of 55%);
+- the tokenizer has the task's words and the short-answer instruction as single tokens (~18 tokens a turn
+  instead of ~30), which is most of the decoder's sequence.
 
 The number of steps is fixed (not a time budget) so the same seed gives the same checkpoint.
 """
@@ -40,11 +44,28 @@ from leanvlm.models.tiny import build_llava, save_checkpoint  # noqa: E402
 from leanvlm.runtime.preprocess import chat_prompt as runtime_prompt  # noqa: E402
 
 GRID = 3
+# Question types per training turn. With a uniform mix, "is there a" and "which is further left" reached 100%
+# and 97% while the colour at a position stayed at 67% and counting at 85%, so those two get more of the turns
+# (the held-out split stays uniform).
+TRAIN_MIX = {"colour_at": 0.35, "count": 0.35, "left_of": 0.15, "exists": 0.15}
 
 
 def chat_prompt(processor, question: str) -> str:
     """The single-turn prompt exactly as the runtime and `leanvlm eval` build it."""
     return runtime_prompt(processor, question_prompt(question))
+
+
+def distinct_questions(scene, rng: np.random.Generator, n: int, tries: int = 50) -> list[tuple[str, str]]:
+    """Up to n different (question, answer) pairs about one scene. A question asked twice in a conversation
+    can be answered by copying the earlier answer instead of looking at the image; with repeats allowed the
+    same run was still at 50% held-out at step 700, without them at 70%."""
+    asked: dict[str, str] = {}
+    for _ in range(tries):
+        question, answer, _ = ask(scene, rng, rng.choice(list(TRAIN_MIX), p=list(TRAIN_MIX.values())))
+        asked.setdefault(question, answer)
+        if len(asked) == n:
+            break
+    return list(asked.items())
 
 
 class Batcher:
@@ -73,12 +94,13 @@ class Batcher:
         return self.tok(" " + word, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
 
     def targets(self, scene) -> np.ndarray:
-        """[patches, 3]: colour (0 = empty cell), kind (0 = empty) and cell index of every patch."""
+        """[patches, 4]: colour (0 = empty cell), kind (0 = empty), row and column of every patch's cell."""
         colour, kind = np.zeros(GRID * GRID, np.int64), np.zeros(GRID * GRID, np.int64)
         for s in scene:
             colour[s.cell] = list(COLOURS).index(s.colour) + 1
             kind[s.cell] = SHAPES.index(s.kind) + 1
-        return np.stack([colour[self.cell_of_patch], kind[self.cell_of_patch], self.cell_of_patch], 1)
+        cell = self.cell_of_patch
+        return np.stack([colour[cell], kind[cell], cell // GRID, cell % GRID], 1)
 
     def conversations(self, seed: int, start: int, n: int, turns: int):
         """n training conversations (train split, indices start..start+n-1), `turns` questions each."""
@@ -87,8 +109,7 @@ class Batcher:
             rng = _rng(seed, "train", index)
             scene = make_scene(rng)
             ids, lab = [], []
-            for t in range(turns):
-                question, answer, _ = ask(scene, rng)
+            for t, (question, answer) in enumerate(distinct_questions(scene, rng, turns)):
                 prompt = (self.first_prompt(question) if t == 0 else
                           self.tok(f"USER: {question_prompt(question)} ASSISTANT:", add_special_tokens=False)["input_ids"])
                 reply = self.answer(answer)
@@ -130,15 +151,14 @@ def init_position_embeddings(model) -> None:
         emb[1:, : 4 * quarter] = torch.cat(parts, dim=1)
 
 
-def init_attention(model) -> None:
-    """Draw the decoder's query and key projections at std 1/sqrt(width) instead of Hugging Face's 0.02: with
-    the small init every attention row starts uniform and the question-to-image lookups this task needs
-    take hundreds of steps to leave that plateau."""
-    width = model.config.text_config.hidden_size
+def init_decoder(model) -> None:
+    """Draw the decoder's projections at std 1/sqrt(fan_in) instead of Hugging Face's 0.02: at 0.02 a model
+    this narrow starts with uniform attention rows and weak value paths, and the question-to-image lookups
+    this task needs sit on a plateau for ~1,000 steps before they form."""
     with torch.no_grad():
         for name, param in model.model.language_model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                param.normal_(0.0, width**-0.5)
+            if name.endswith("proj.weight"):
+                param.normal_(0.0, param.shape[1] ** -0.5)
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -187,7 +207,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16, help="conversations per step")
     ap.add_argument("--turns", type=int, default=8, help="questions per conversation")
     ap.add_argument("--lr", type=float, default=1.5e-3)
@@ -204,13 +224,13 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = build_llava(args.seed, "shapes", random_spread=False)
     init_position_embeddings(model)
-    init_attention(model)
+    init_decoder(model)
     vcfg = model.config.vision_config
     batcher = Batcher(processor, vcfg.image_size, vcfg.patch_size)
     batcher.check_against_processor(args.seed)
     width = model.config.text_config.hidden_size
     heads = torch.nn.ModuleList([torch.nn.Linear(width, len(COLOURS) + 1), torch.nn.Linear(width, len(SHAPES) + 1),
-                                 torch.nn.Linear(width, GRID * GRID)])
+                                 torch.nn.Linear(width, GRID), torch.nn.Linear(width, GRID)])
     model.to(device).train()
     heads.to(device)
     params = [*model.parameters(), *heads.parameters()]
