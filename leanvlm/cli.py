@@ -8,6 +8,9 @@ from pathlib import Path
 
 from leanvlm.errors import EngineError, UserError
 from leanvlm.reduction.schedule import METHODS
+from leanvlm.runtime.backends.base import backend_names
+from leanvlm.spec import defaults
+from leanvlm.spec.precision import PRECISIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,20 +39,25 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                    help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
     p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
                    "1 = unreduced (required unless --schedule)")
-    p.add_argument("--method", choices=METHODS, default="fastv",
-                   help="reduction preset (default fastv): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
+    p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
+                   help=f"reduction preset (default {defaults.METHOD}): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
                         "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep; illava = merges in four middle "
                         "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM")
-    p.add_argument("--layer", type=int, default=2, help="fastv: decoder layer K at whose input tokens are dropped "
-                   "(default 2)")
+    p.add_argument("--layer", type=int, default=defaults.FASTV_LAYER, help="fastv: decoder layer K at whose input "
+                   f"tokens are dropped (default {defaults.FASTV_LAYER})")
     p.add_argument("--schedule", type=Path, help="YAML/JSON schedule file instead of --method/--keep")
     p.add_argument("--out", type=Path, help="output directory (default out/<model>-keep<R>)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; TensorRT 10.3 parses up to 20)")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch the runtime accepts (default 8)")
+    p.add_argument("--opset", type=int, default=defaults.OPSET,
+                   help=f"ONNX opset (default {defaults.OPSET}; TensorRT 10.3 parses up to 20)")
+    p.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH,
+                   help=f"largest batch the runtime accepts (default {defaults.MAX_BATCH})")
     p.add_argument("--max-prompt", type=int, help="longest prompt in tokens, image tokens included "
                    "(default image tokens + 512)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per request (default 256)")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+    p.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+                   help=f"most tokens generated per request (default {defaults.MAX_NEW_TOKENS})")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=defaults.PRECISION,
+                   help=f"weights and activations of the graphs (default {defaults.PRECISION})")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default=defaults.EXPORTER,
                    help="torch.onnx exporter (default torchscript: much faster to export, same graphs)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
@@ -65,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     opts = ExportOptions(model=args.model, keep=args.keep, layer=args.layer, method=args.method,
                          schedule=args.schedule, out=args.out, opset=args.opset,
                          max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
-                         force=args.force, exporter=args.exporter)
+                         force=args.force, exporter=args.exporter, precision=args.precision)
     with console.status("exporting") as status:
         def on_step(msg: str) -> None:
             console.log(msg)
@@ -182,7 +190,7 @@ def _parity(args: argparse.Namespace) -> int:
         t.add_column("value", justify="right")
         t.add_column("ok")
         mark = lambda ok: "[green]yes[/green]" if ok else "[red]NO[/red]"  # noqa: E731
-        t.add_row("last-token logits max |diff|", f"{report.logits_max_abs:.2e}", mark(report.logits_max_abs <= args.atol))
+        t.add_row("last-token logits max |diff|", f"{report.logits_max_abs:.2e}", mark(report.logits_max_abs <= report.atol))
         t.add_row("last-token logits max rel diff", f"{report.logits_max_rel:.2e}", "")
         t.add_row("Polygraphy prefill comparison", "", mark(report.polygraphy_passed))
         t.add_row("kept-index agreement", f"{report.kept_agreement:.1%}", mark(report.kept_agreement == 1))
@@ -255,7 +263,7 @@ def _plan(args: argparse.Namespace) -> int:
     from leanvlm.export.engine import resolve_schedule
     from leanvlm.models import resolve_model
     from leanvlm.reduction.plan import make_plan
-    from leanvlm.reference.model import num_image_tokens
+    from leanvlm.models.llava_config import num_image_tokens
 
     if args.text_tokens < 1:
         raise UserError(f"--text-tokens {args.text_tokens}: must be >= 1")
@@ -342,6 +350,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=backend_names(), default=defaults.BACKEND,
+                   help=f"runtime backend (default {defaults.BACKEND}; torch: the PyTorch reference)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leanvlm", description="leanvlm: export, run and check token-reduced VLM engines")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -358,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("engine", type=Path, help="engine directory made by export-engine")
     g.add_argument("--image", action="append", required=True, help="image path (repeat for a batch)")
     g.add_argument("--prompt", action="append", required=True, help="prompt (repeat for a batch)")
-    g.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    _add_backend_arg(g)
     g.add_argument("--json", action="store_true", help="one JSON object per request")
     g.add_argument("--stream", action="store_true", help="print text as it is produced")
     _add_sampling_args(g)
@@ -368,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("engine", type=Path)
     q.add_argument("--samples", type=int, default=4)
     q.add_argument("--steps", type=int, default=16)
-    q.add_argument("--atol", type=float, default=1e-4)
+    q.add_argument("--atol", type=float, help="logits tolerance (default: the engine precision's)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=_parity)
@@ -376,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="latency and memory of an engine, optionally against a baseline")
     b.add_argument("engine", type=Path)
     b.add_argument("--baseline", type=Path, help="engine to compare against (e.g. the --keep 1 export)")
-    b.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
-    b.add_argument("--baseline-backend", choices=("onnxruntime", "torch"), help="default: --backend")
+    _add_backend_arg(b)
+    b.add_argument("--baseline-backend", choices=backend_names(), help="default: --backend")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--prompt-len", type=int, default=70, help="text tokens around the image (default 70)")
     b.add_argument("--new-tokens", type=int, default=32)
@@ -388,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="token counts, FLOPs and KV bytes of a schedule, from the model config")
     pl.add_argument("--model", required=True)
-    pl.add_argument("--method", choices=METHODS, default="fastv")
+    pl.add_argument("--method", choices=METHODS, default=defaults.METHOD)
     pl.add_argument("--keep", type=float)
-    pl.add_argument("--layer", type=int, default=2)
+    pl.add_argument("--layer", type=int, default=defaults.FASTV_LAYER)
     pl.add_argument("--schedule", type=Path)
     pl.add_argument("--text-tokens", type=int, default=64)
     pl.add_argument("--kv-dtype-bytes", type=int, choices=(1, 2, 4), default=2,
@@ -403,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--image", required=True)
     v.add_argument("--prompt", required=True)
     v.add_argument("--out", type=Path, default=Path("kept.png"))
-    v.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    _add_backend_arg(v)
     v.set_defaults(func=_viz)
 
     ev = sub.add_parser("eval", help="accuracy of an engine on the shapes task or a JSONL file")
@@ -413,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=500, help="shapes: held-out samples (default 500)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch", type=int, help="requests per batch (default: the engine's max batch)")
-    ev.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    _add_backend_arg(ev)
     ev.add_argument("--predictions", action="store_true", help="with --json: include every prediction")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)

@@ -11,3 +11,13 @@ class UserError(LeanVLMError, ValueError):
 
 class EngineError(LeanVLMError):
     """An engine directory that is missing, tampered with, or from an unknown format."""
+
+
+class ShapeMismatchError(EngineError):
+    """A graph produced an output whose shape differs from the reference's or the manifest's: the graph is
+    wrong for this engine, whatever the numbers."""
+
+
+class ToleranceError(EngineError):
+    """A graph's outputs have the right shapes but differ from the reference by more than the precision's
+    tolerance (or its kept indices disagree)."""

@@ -20,6 +20,37 @@ def _isolated_cache(tmp_path_factory):
     hf_logging.set_verbosity_error()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `tensorrt` are skipped, with the reason, where the tensorrt package is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        return
+    skip = pytest.mark.skip(reason="TensorRT is not installed here (pip install leanvlm[tensorrt] on an NVIDIA machine)")
+    for item in items:
+        if "tensorrt" in item.keywords:
+            item.add_marker(skip)
+
+
+EXERCISED: set[tuple[str, str]] = set()  # (schedule method, backend) of every engine a test opened
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_exercised_backends():
+    """Record which reduction method each opened backend ran (read by test_zz_coverage)."""
+    from leanvlm.runtime.backends.base import Backend
+
+    original = Backend.__init__
+
+    def record(self, spec):
+        EXERCISED.add((spec.schedule.method, self.name))
+        original(self, spec)
+
+    Backend.__init__ = record
+    yield
+    Backend.__init__ = original
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from leanvlm.models import make_tiny

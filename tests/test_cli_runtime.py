@@ -65,23 +65,44 @@ def test_parity_passes_and_reports_reduction_cost(capsys, engines):
     assert 0 <= red["greedy_agreement"] <= 1 and red["logit_kl_mean"] > 0  # the schedule changes the output
 
 
-def test_parity_fails_on_a_wrong_engine(capsys, engines, tmp_path):
-    """An engine whose graphs disagree with the reference must make parity exit non-zero."""
+def _swap_prefill(src, donor, dst):
+    """A copy of engine `src` whose prefill.onnx is `donor`'s, with checksums rewritten to match."""
     import shutil
 
-    from leanvlm.export.manifest import write_manifest
+    from leanvlm.spec.manifest import write_manifest
 
-    bad = tmp_path / "bad"
-    shutil.copytree(engines(0.33).out, bad)
-    shutil.copy(engines(0.5).out / "prefill.onnx", bad / "prefill.onnx")  # keeps 32 tokens, manifest says 21
-    data = json.loads((bad / "leanvlm.json").read_text())
+    shutil.copytree(src, dst)
+    shutil.copy(donor / "prefill.onnx", dst / "prefill.onnx")
+    data = json.loads((dst / "leanvlm.json").read_text())
     for key in ("format", "schema_version", "files"):
         data.pop(key)
-    write_manifest(bad, data)
+    write_manifest(dst, data)
+    return dst
+
+
+def test_parity_fails_on_a_same_shape_wrong_engine(capsys, engines, tmp_path):
+    """Same shapes, other weights (a checkpoint of another seed): parity exits 1, stdout is JSON only."""
+    from leanvlm.export import ExportOptions, export_engine
+    from leanvlm.models import make_tiny
+
+    other = make_tiny(tmp_path / "seed1", seed=1)
+    donor = export_engine(ExportOptions(model=str(other), keep=0.33, out=tmp_path / "donor")).out
+    bad = _swap_prefill(engines(0.33).out, donor, tmp_path / "bad")
+    code = main(["parity", str(bad), "--samples", "2", "--steps", "4", "--json"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # nothing but the report on stdout (Polygraphy's log is on stderr)
+    assert code == 1 and report["passed"] is False and report["polygraphy_passed"] is False
+    assert report["logits_max_abs"] > 1e-2
+    assert "FAILED" in captured.err
+
+
+def test_parity_on_a_wrong_shape_engine_is_an_error(capsys, engines, tmp_path):
+    """A prefill graph that keeps 32 tokens where the manifest says 21 is not a tolerance question."""
+    bad = _swap_prefill(engines(0.33).out, engines(0.5).out, tmp_path / "bad")
     code = main(["parity", str(bad), "--samples", "1", "--steps", "4", "--json"])
-    out = capsys.readouterr().out
-    assert code != 0
-    assert "passed" not in out or json.loads(out)["passed"] is False
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert "graph and manifest do not match" in captured.err
 
 
 def test_bench_reports_medians_and_ratios(capsys, engines):

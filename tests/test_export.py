@@ -78,6 +78,49 @@ def test_dynamo_exporter_matches_reference(engines, hf_model):
     checks = check_engine(ref, load_sessions(result.out), [6, 11, 3], seed=3)
     assert all(c.worst < 1e-4 and c.kept_equal for c in checks)
     assert topk_ks(result.out / "prefill.onnx") == [21, 21]
+    dynamo_nodes = _reduction_nodes(result.out / "prefill.onnx")  # the same stable names from either exporter
+    assert sorted(dynamo_nodes) == sorted(_reduction_nodes(engines(0.33).out / "prefill.onnx")) == [
+        "/model/layers.2/reduce"]
+    assert {"TopK", "Softmax"} <= set(dynamo_nodes["/model/layers.2/reduce"])
+
+
+def _reduction_nodes(path) -> dict[str, list[str]]:
+    """Stable-named reduction nodes of a graph: scope prefix -> sorted op types."""
+    from leanvlm.spec.names import is_reduction_node
+
+    out: dict[str, list[str]] = {}
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        if is_reduction_node(n.name):
+            out.setdefault(n.name.rsplit("/", 1)[0], []).append(n.op_type)
+    return {k: sorted(set(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("method, graph, scopes", [
+    ("fastv", "prefill", ["/model/layers.2/reduce"]),
+    ("pdrop", "prefill", ["/model/layers.1/reduce", "/model/layers.2/reduce", "/model/layers.3/reduce"]),
+    ("illava", "prefill", ["/model/layers.1/reduce"]),
+    ("illava", "vision", ["/vision/layers.0/reduce"]),
+    ("visionzip", "vision", ["/vision/visionzip/reduce"]),
+])
+def test_reduction_path_has_stable_node_names(engines, method, graph, scopes):
+    """Scoring, TopK, Gather and merges carry `/model/layers.{i}/reduce/...` names (ONNX Runtime GenAI's
+    convention), so a quantiser can exclude them and TensorRT can pin them to fp32; nothing else does."""
+    result = engines(0.33, method=method)
+    nodes = _reduction_nodes(result.out / f"{graph}.onnx")
+    assert sorted(nodes) == scopes
+    for ops in nodes.values():
+        assert {"TopK", "GatherElements"} <= set(ops)
+    if method == "fastv":  # the score is the last token's softmax row of layer 1, in the stage's scope
+        assert "Softmax" in nodes["/model/layers.2/reduce"]
+    for other in ("vision", "embed", "prefill", "decode"):
+        if other != graph and (method, other) not in {("illava", "prefill"), ("illava", "vision")}:
+            assert _reduction_nodes(result.out / f"{other}.onnx") == {}
+
+
+def test_lint_names_nodes_by_their_stable_names(engines):
+    issues = lint_onnx(engines(0.33).out / "prefill.onnx", topk_max_k=8)  # as if K were limited to 8
+    assert sorted(i.node for i in issues) == ["/model/layers.2/reduce/TopK", "/model/layers.2/reduce/TopK_1"]
+    assert all("K > 8" in str(i) for i in issues)
 
 
 def test_external_data_export(engines, hf_model, monkeypatch):

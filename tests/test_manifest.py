@@ -3,7 +3,7 @@ import json
 import pytest
 
 from leanvlm.errors import EngineError
-from leanvlm.export.manifest import MANIFEST_NAME, SCHEMA_VERSION, load_manifest, sha256_file
+from leanvlm.spec.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest as load_manifest, sha256_file
 
 
 def test_manifest_describes_the_export(engines):
@@ -22,7 +22,7 @@ def test_manifest_describes_the_export(engines):
     assert names[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert {"tokenizer.json", "processor_config.json", "prefill.onnx"} <= set(m["files"])
     for rel, digest in m["files"].items():
-        assert sha256_file(m.directory / rel) == digest
+        assert sha256_file(engines(0.33).out / rel) == digest
 
 
 def test_tampered_file_is_detected(engine_copy):

@@ -2,7 +2,7 @@
 
 import torch
 
-from leanvlm.reduction.merge import complement, rank_weighted_merge, visionzip
+from leanvlm.reduction.merge import complement, contextual_targets, rank_weighted_merge, visionzip
 
 
 def test_complement_is_ascending_and_exact():
@@ -23,23 +23,29 @@ def test_rank_weighted_merge_by_hand():
 
 
 def test_visionzip_by_hand():
-    # 6 patches; CLS attention picks 2 dominant: tokens 5 and 1. Remaining 0,2,3,4; 2 contextual targets
-    # at evenly strided positions 0 and 3 of the remainder -> tokens 0 and 4; others 2, 3 assigned by key.
+    # 6 patches; CLS attention picks 2 dominant: tokens 5 and 1. Remaining 0,2,3,4 (M = 4); 2 contextual
+    # targets at every M // C = 2nd position of the remainder from the first (VisionZip's arange(0, M, M // C))
+    # -> tokens 0 and 3; others 2, 4 assigned by key.
     h = torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]])
     cls = torch.tensor([[0.1, 0.5, 0.0, 0.1, 0.1, 0.9]])
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [0.0, 1.0], [1.0, 1.0]]])
     out, dom, targets = visionzip(h, cls, keys, dominant=2, contextual=2)
-    assert dom.tolist() == [[1, 5]] and targets.tolist() == [[0, 4]]
-    # token 2 (key ~ [1, 0]) joins target 0; token 3 (key ~ [0, 1]) joins target 4
-    assert out[0, :, 0].tolist() == [2.0, 6.0, 1.0 + 3.0, 5.0 + 4.0]
+    assert dom.tolist() == [[1, 5]] and targets.tolist() == [[0, 3]]
+    # token 2 (key ~ [1, 0]) joins target 0; token 4 (key [0, 1]) joins target 3
+    assert out[0, :, 0].tolist() == [2.0, 6.0, 1.0 + 3.0, 4.0 + 5.0]
+
+
+def test_visionzip_targets_follow_the_reference_stride():
+    # LLaVA-1.5 at 54 + 10: 576 - 53 = 523 remaining patches, targets every 52nd from the first
+    assert contextual_targets(523, 10).tolist() == list(range(0, 468 + 1, 52))
+    assert contextual_targets(7, 3).tolist() == [0, 2, 4]
 
 
 def test_visionzip_target_with_nothing_assigned_is_unchanged():
     h = torch.arange(1.0, 6.0).reshape(1, 5, 1)
     cls = torch.tensor([[0.9, 0.0, 0.0, 0.0, 0.0]])
-    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.01], [1.0, 0.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.01]]])
     out, dom, targets = visionzip(h, cls, keys, dominant=1, contextual=2)
-    # remaining 1,2,3,4 -> targets 1 and 4; others 2 (key [0,1]: equally far, argmax picks the first) and 3
-    # token 2 (key [0, 1]) and token 3 (key [1, .01]) tie between the identical targets: argmax takes the first
-    assert targets.tolist() == [[1, 4]]
-    assert out[0, :, 0].tolist() == [1.0, 2.0 + (3.0 + 4.0) / 2, 5.0]  # target 4 got nothing: unchanged
+    # remaining 1,2,3,4 -> targets 1 and 3 (stride 2); others 2 and 4 both point like target 1
+    assert targets.tolist() == [[1, 3]]
+    assert out[0, :, 0].tolist() == [1.0, 2.0 + (3.0 + 5.0) / 2, 4.0]  # target 3 got nothing: unchanged

@@ -4,7 +4,7 @@ import pytest
 
 from leanvlm.errors import UserError
 from leanvlm.models import MODEL_ALIASES, load_model, make_tiny, resolve_model
-from leanvlm.reference.model import num_image_tokens
+from leanvlm.models.llava_config import num_image_tokens
 
 
 def test_tiny_checkpoint_is_a_complete_hf_llava(tiny_dir, hf_model, processor):

@@ -6,10 +6,10 @@ from conftest import PROMPTS, images
 from leanvlm import Pipeline
 from leanvlm.errors import UserError
 from leanvlm.export.verify import check_engine, load_sessions
-from leanvlm.reduction.schedule import Schedule
+from leanvlm.reduction.schedule import METHODS, Schedule
 from leanvlm.reference import ReducedLlava
 
-PRESETS = ["fastv", "pdrop", "illava", "visionzip"]
+PRESETS = list(METHODS)
 
 
 def _schedule(method, keep=0.33):
@@ -44,6 +44,9 @@ def test_preset_runtime_matches_torch(engines, method):
         assert x.kept == y.kept and x.merged == y.merged
         assert [len(k) for k in x.kept] == [st.num_keep for st in stages]
         for kept, merged, st in zip(x.kept, x.merged, stages):
+            if getattr(st, "keep_cls", False):  # VisionZip sends CLS first: it has no patch index
+                assert kept[0] == -1
+                kept = kept[1:]
             assert all(0 <= i < 64 for i in kept) and len(set(kept)) == len(kept)  # original patch indices
             assert set(merged) <= set(kept) and bool(merged) == st.merges
     assert a[0].kv_cache["used_bytes"] < a[0].kv_cache["unreduced_bytes"]
@@ -59,7 +62,26 @@ def test_illava_preset_defaults_for_llava_15():
 def test_visionzip_preset_is_the_papers_64():
     s = Schedule.visionzip(32, 576, 64 / 576)
     (v,) = s.vision_stages
-    assert (v.num_keep - v.contextual, v.contextual) == (54, 10) and s.llm_image_tokens == 64
+    # the reference code: 54 dominant = CLS + 53 patches, plus 10 contextual
+    assert (v.keep_cls, v.dominant_patches, v.contextual) == (True, 53, 10) and s.llm_image_tokens == 64
+    patches_only = Schedule.visionzip(32, 576, 64 / 576, keep_cls=False).vision_stages[0]
+    assert (patches_only.dominant_patches, patches_only.contextual) == (54, 10)
+
+
+def test_visionzip_cls_token_reaches_the_llm_first(hf_model, processor):
+    """With keep_cls the first image feature is the projected CLS state of the feature layer (as VisionZip's
+    reference code sends it); without it every feature comes from patches."""
+    import torch
+
+    pixels = processor(images=images(2), text=["<image>"] * 2, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = hf_model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2]
+        cls_feature = hf_model.model.multi_modal_projector(hidden[:, :1])
+        with_cls = ReducedLlava(hf_model, Schedule.visionzip(4, 64, 0.33, vision_layers=1)).vision(pixels)
+        without = ReducedLlava(hf_model, Schedule.visionzip(4, 64, 0.33, vision_layers=1, keep_cls=False)).vision(pixels)
+    assert torch.allclose(with_cls[0][:, :1], cls_feature, atol=1e-5)
+    assert (with_cls[1][0][:, 0] == -1).all() and (without[1][0] >= 0).all()
+    assert with_cls[0].shape == without[0].shape  # the same token budget: CLS takes a dominant patch's place
 
 
 @pytest.mark.parametrize("text, message", [

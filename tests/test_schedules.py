@@ -22,7 +22,44 @@ def test_pdrop_preset_is_the_papers_llava_schedule():
     assert all(st.score_at == "current" and st.positions == "renumber" for st in s.stages)
     assert s.groups == [(0, 8, 576), (8, 16, 288), (16, 24, 144), (24, 32, 72)]
     scaled = Schedule.pdrop(32, 576, 0.33)
-    assert [st.num_keep for st in scaled.stages] == [round(576 * 0.33 ** (j / 3)) for j in (1, 2, 3)]
+    assert [st.num_keep for st in scaled.stages] == [int(576 * 0.33 ** (j / 3)) for j in (1, 2, 3)]
+
+
+def test_pdrop_counts_truncate_like_the_reference_code():
+    """PyramidDrop's code keeps int(N * ratio) (FastV's rounds): at 144 tokens, keep 0.33 -> 99/68/47."""
+    assert [st.num_keep for st in Schedule.pdrop(4, 144, 0.33).stages] == [99, 68, 47]
+    assert [st.num_keep for st in Schedule.fastv(4, 144, 0.33).stages] == [48]
+
+
+def test_pdrop_decode_positions_follow_each_groups_renumbered_prompt():
+    """The reference numbers a new token P+t in layers 0-7, P+t-288 in 8-15, P+t-432, P+t-504 (576 tokens,
+    keep 0.125): right after each group's renumbered prompt. `decode_positions: prompt` keeps P+t everywhere."""
+    from dataclasses import replace
+
+    s = Schedule.pdrop(32, 576, 0.125)
+    assert s.decode_positions == "group" and s.decode_position_offsets() == [0, 288, 432, 504]
+    assert replace(s, decode_positions="prompt").decode_position_offsets() == [0, 0, 0, 0]
+    assert Schedule.fastv(32, 576, 0.33).decode_position_offsets() == [0, 0]  # FastV keeps original positions
+
+
+def test_decode_positions_prompt_option_end_to_end(tmp_path, tiny_dir, hf_model):
+    path = tmp_path / "s.yaml"
+    path.write_text("decode_positions: prompt\nstages:\n  - {layer: 2, keep: 16, score_at: current, "
+                    "positions: renumber}\n")
+    out = tmp_path / "eng"
+    assert export_engine_main(["--model", str(tiny_dir), "--schedule", str(path), "--out", str(out)]) == 0
+    m = json.loads((out / "leanvlm.json").read_text())
+    assert m["schedule"]["decode_positions"] == "prompt"
+    assert [g["decode_position_offset"] for g in m["cache_groups"]] == [0, 0]
+    imgs = images(2)
+    a = Pipeline.load(out).generate(images=imgs, prompts=PROMPTS[:2], max_new_tokens=10, ignore_eos=True)
+    b = Pipeline.load(out, backend="torch").generate(images=imgs, prompts=PROMPTS[:2], max_new_tokens=10,
+                                                     ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    path.write_text(path.read_text().replace("prompt", "group"))
+    grouped = ReducedLlava(hf_model, Schedule.from_file(path, 4, 64))
+    assert grouped.decode_offsets == [0, 48]
+    assert ReducedLlava(hf_model, Schedule.from_dict(m["schedule"])).decode_offsets == [0, 0]
 
 
 def test_renumber_positions_are_contiguous_after_left_padding():

@@ -34,8 +34,9 @@ class LintIssue:
         return f"{self.graph}: {self.op} {self.node!r}: {self.message}"
 
 
-def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET) -> list[LintIssue]:
-    """Everything in the graph at `path` that TensorRT 10.3 would reject; empty when it should parse."""
+def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET, topk_max_k: int = TOPK_MAX_K) -> list[LintIssue]:
+    """Everything in the graph at `path` that TensorRT 10.3 would reject; empty when it should parse. Issues
+    name nodes by their exported names: the reduction path's are stable (`/model/layers.2/reduce/TopK`)."""
     import onnx
 
     path = Path(path)
@@ -66,8 +67,8 @@ def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET) -> list[LintIssue]:
             k_name = node.input[1]
             if k_name not in constants:
                 issues.append(LintIssue(g, node.name, "TopK", "K is computed at run time; TensorRT needs a constant"))
-            elif k_name in const_values and int(const_values[k_name].reshape(-1)[0]) > TOPK_MAX_K:
-                issues.append(LintIssue(g, node.name, "TopK", f"K > {TOPK_MAX_K}"))
+            elif k_name in const_values and int(const_values[k_name].reshape(-1)[0]) > topk_max_k:
+                issues.append(LintIssue(g, node.name, "TopK", f"K > {topk_max_k}"))
             if types.get(node.input[0], 1) not in FLOAT_TYPES:
                 issues.append(LintIssue(g, node.name, "TopK", "input is not floating point"))
         if node.op_type == "CumSum":

@@ -105,7 +105,7 @@ def shapes_items(n: int, seed: int = 0) -> list[Item]:
 def evaluate(pipe, items: list[Item], batch_size: int | None = None, max_new_tokens: int = 8,
              on_batch=None) -> EvalReport:
     """Greedy answers for every item, batched; exact match after normalisation."""
-    limit = pipe.manifest.limits["max_batch"]
+    limit = pipe.spec.limits.max_batch
     batch_size = min(batch_size or limit, limit)
     report = EvalReport(0, 0)
     t0 = time.perf_counter()

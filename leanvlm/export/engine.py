@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from leanvlm.errors import UserError
-from leanvlm.export.manifest import MANIFEST_NAME, config_hash, graph_io, write_manifest
+from leanvlm.spec import defaults
+from leanvlm.spec.manifest import MANIFEST_NAME, config_hash, write_manifest
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below ONNX's 2 GB protobuf limit, with headroom for the graph itself
-DEFAULT_TEXT_TOKENS = 64  # prompt text around the image for the FLOPs report (LLaVA-1.5 prompts: ~60-70)
 
 
 @dataclass
@@ -29,16 +29,17 @@ class ExportOptions:
 
     model: str
     keep: float | None = None  # fraction of image tokens reaching the last stage; None with a schedule file
-    layer: int = 2  # FastV's layer K
-    method: str = "fastv"  # preset: fastv | pdrop
+    layer: int = defaults.FASTV_LAYER  # FastV's layer K
+    method: str = "fastv"  # a preset of reduction.schedule.METHODS
     schedule: Path | None = None  # a YAML/JSON schedule file instead of a preset
     out: Path | None = None
-    opset: int = 18
-    max_batch: int = 8
-    max_prompt: int | None = None  # tokens including image tokens; default: image tokens + 512
-    max_new_tokens: int = 256
+    opset: int = defaults.OPSET
+    max_batch: int = defaults.MAX_BATCH
+    max_prompt: int | None = None  # tokens including image tokens; default: image tokens + PROMPT_TEXT_TOKENS
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
     force: bool = False
-    exporter: str = "torchscript"
+    exporter: str = defaults.EXPORTER
+    precision: str = defaults.PRECISION  # a key of spec.precision.PRECISIONS
     check_batch: tuple[int, ...] = (5, 12, 9)  # text lengths of the ONNX Runtime check (ragged, batch 3)
 
 
@@ -75,6 +76,9 @@ def validate_options(opts: ExportOptions) -> Path:
                         "(TensorRT 10.3 parses up to 20; 23 adds fused ops it rejects)")
     if opts.exporter not in EXPORTERS:
         raise UserError(f"--exporter {opts.exporter}: choose one of {', '.join(EXPORTERS)}")
+    from leanvlm.spec.precision import get_precision
+
+    get_precision(opts.precision)
     for flag, value, top in (("--max-batch", opts.max_batch, 4096), ("--max-new-tokens", opts.max_new_tokens, 1 << 20)):
         if not isinstance(value, int) or not 1 <= value <= top:
             raise UserError(f"{flag} {value}: must be an integer in [1, {top}]")
@@ -101,11 +105,12 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
 
     from leanvlm.engines.trt_lint import lint_onnx
     from leanvlm.export.graphs import build_specs
-    from leanvlm.export.onnx_export import export_graph
+    from leanvlm.export.onnx_export import export_graph, graph_io
     from leanvlm.export.verify import check_engine, load_sessions
     from leanvlm.models import load_model, resolve_model
     from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.reference import ReducedLlava
+    from leanvlm.spec.engine import EngineSpec, Limits
 
     step = on_step or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -116,7 +121,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     # The schedule (and its errors) needs only the config: fail before loading weights.
     schedule = resolve_schedule(cfg, opts.method, opts.keep, opts.layer, opts.schedule)
     n_img = schedule.llm_image_tokens  # image tokens in the LLM prompt
-    max_prompt = opts.max_prompt or n_img + 512
+    max_prompt = opts.max_prompt or n_img + defaults.PROMPT_TEXT_TOKENS
     if max_prompt <= n_img:
         raise UserError(f"--max-prompt {max_prompt}: must exceed the {n_img} image tokens of this model")
     if max_prompt + opts.max_new_tokens > text.max_position_embeddings:
@@ -146,13 +151,16 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
             lint += [str(i) for i in lint_onnx(tmp / f"{spec.name}.onnx")]
         step("running graphs in ONNX Runtime against the PyTorch reference")
         lens = list(opts.check_batch[: opts.max_batch])
-        checks = check_engine(ref, load_sessions(tmp, ["CPUExecutionProvider"]), lens)
+        spec = EngineSpec.build(cfg, schedule, Limits(opts.max_batch, max_prompt, opts.max_new_tokens),
+                                opts.precision, {"model": loaded.source, "path": str(loaded.path),
+                                                 "config_sha256": config_hash(loaded.model.config.to_dict())})
+        checks = check_engine(ref, load_sessions(tmp, ["CPUExecutionProvider"]), lens, precision=spec.precision)
         step("saving tokenizer and processor")
         loaded.processor.save_pretrained(tmp)
-        graphs = {spec.name: graph_io(tmp / f"{spec.name}.onnx") for spec in specs}
-        flops = prefill_flops_ratio(schedule, DEFAULT_TEXT_TOKENS, text.hidden_size, text.intermediate_size,
+        graphs = {g.name: graph_io(tmp / f"{g.name}.onnx") for g in specs}
+        flops = prefill_flops_ratio(schedule, defaults.FLOPS_TEXT_TOKENS, text.hidden_size, text.intermediate_size,
                                     text.num_key_value_heads / text.num_attention_heads)
-        body = _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, external)
+        body = _manifest_body(opts, spec, graphs, flops, lint, checks, external)
         write_manifest(tmp, body)
         tmp.chmod(0o755)
         _move_into_place(tmp, out)
@@ -172,7 +180,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
 def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None):
     """The schedule of a preset or a file for a LLaVA config (validated; raises UserError)."""
     from leanvlm.reduction.schedule import Schedule
-    from leanvlm.reference.model import num_image_tokens, vision_layers_used
+    from leanvlm.models.llava_config import num_image_tokens, vision_layers_used
 
     layers, n, vit = cfg.text_config.num_hidden_layers, num_image_tokens(cfg), vision_layers_used(cfg)
     if schedule_file is not None:
@@ -180,7 +188,7 @@ def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_
     return Schedule.preset(method, layers, n, keep, layer, vit)
 
 
-def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, external) -> dict:
+def _manifest_body(opts, spec, graphs, flops, lint, checks, external) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -188,41 +196,12 @@ def _manifest_body(opts, loaded, ref, graphs, max_prompt, flops, lint, checks, e
 
     from leanvlm import __version__
 
-    schedule = ref.schedule
-    n_img = schedule.llm_image_tokens
-    groups = []
-    for g, (a, b, n) in enumerate(schedule.groups):
-        groups.append({
-            "group": g, "layers": [a, b], "image_tokens": n,
-            "length_rule": f"prompt_length - {n_img - n} (+1 per decoded token)" if n != n_img else
-                           "prompt_length (+1 per decoded token)",
-            "capacity": max_prompt - (n_img - n) + opts.max_new_tokens,
-        })
-    cfg = loaded.model.config
-    text = cfg.text_config
     return {
-        "source": {"model": loaded.source, "path": str(loaded.path), "config_sha256": config_hash(cfg.to_dict())},
-        "model": {
-            "image_token_id": ref.image_token_id,
-            "num_image_tokens": n_img,  # in the LLM prompt, after vision-encoder stages
-            "num_patch_tokens": schedule.num_image_tokens,  # out of the vision tower
-            "image_size": cfg.vision_config.image_size,
-            "num_layers": ref.num_layers,
-            "num_heads": ref.num_heads,
-            "num_kv_heads": ref.num_kv_heads,
-            "head_dim": ref.head_dim,
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "vocab_size": text.vocab_size,
-            "dtype": "float32",
-            "eos_token_id": text.eos_token_id,
-            "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else text.pad_token_id,
-        },
-        "schedule": {**schedule.to_dict(), "keep": opts.keep, "prefill_flops_ratio": flops,
-                     "flops_text_tokens": DEFAULT_TEXT_TOKENS},
+        **spec.manifest_sections(),
+        "schedule": {**spec.schedule.to_dict(), "keep": opts.keep, "prefill_flops_ratio": flops,
+                     "flops_text_tokens": defaults.FLOPS_TEXT_TOKENS},
         "graphs": graphs,
-        "limits": {"max_batch": opts.max_batch, "max_prompt": max_prompt, "max_new_tokens": opts.max_new_tokens},
-        "cache_groups": groups,
+        "artifacts": {"onnxruntime": {"graphs": {g: io["file"] for g, io in graphs.items()}}},
         "export": {"exporter": opts.exporter, "opset": opts.opset, "external_data": external,
                    "trt_lint": lint, "check": {c.graph: c.worst for c in checks}},
         "versions": {"leanvlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from leanvlm.reference.model import ReducedLlava
-
-GRAPH_NAMES = ("vision", "embed", "prefill", "decode")
+from leanvlm.spec import names
 
 
 @dataclass
@@ -23,16 +22,6 @@ class GraphSpec:
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
-
-
-def kv_names(prefix: str, num_layers: int) -> list[str]:
-    """`{prefix}.{i}.key`, `{prefix}.{i}.value` for every layer, in that order."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def group_axis(g: int, prefix: str) -> str:
-    """Name of the dynamic length axis of cache group g (layers sharing one KV length)."""
-    return f"{prefix}_{g}"
 
 
 class VisionGraph(nn.Module):
@@ -79,10 +68,8 @@ class DecodeGraph(nn.Module):
 
 
 def stage_outputs(stages) -> list[str]:
-    """Output names for a run of stages: `kept_indices.{j}` for each, then `merge_targets.{j}` for each
-    stage that merges."""
-    return [*[f"kept_indices.{j}" for j in range(len(stages))],
-            *[f"merge_targets.{j}" for j, st in enumerate(stages) if st.merges]]
+    """Index output names of a run of stages (see spec.names.stage_output_names)."""
+    return names.stage_output_names([st.merges for st in stages])
 
 
 def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra: int = 3) -> list[GraphSpec]:
@@ -107,31 +94,33 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     start = torch.full((batch,), 3, dtype=torch.int64)
 
-    vision_out = ["image_features", *stage_outputs(ref.schedule.vision_stages)]
+    vision_out = [names.IMAGE_FEATURES, *stage_outputs(ref.schedule.vision_stages)]
     specs = [
-        GraphSpec("vision", VisionGraph(ref), (pixel_values,), ["pixel_values"], vision_out,
-                  {name: {0: "batch_size"} for name in ["pixel_values", *vision_out]}),
-        GraphSpec("embed", EmbedGraph(ref), (ids, image_features), ["input_ids", "image_features"], ["inputs_embeds"],
-                  {"input_ids": {0: "batch_size", 1: "sequence_length"},
-                   "image_features": {0: "batch_size", 1: "num_image_tokens"},
-                   "inputs_embeds": {0: "batch_size", 1: "sequence_length"}}),
+        GraphSpec("vision", VisionGraph(ref), (pixel_values,), [names.PIXEL_VALUES], vision_out,
+                  {name: {0: "batch_size"} for name in [names.PIXEL_VALUES, *vision_out]}),
+        GraphSpec("embed", EmbedGraph(ref), (ids, image_features), [names.INPUT_IDS, names.IMAGE_FEATURES],
+                  [names.INPUTS_EMBEDS],
+                  {names.INPUT_IDS: {0: "batch_size", 1: "sequence_length"},
+                   names.IMAGE_FEATURES: {0: "batch_size", 1: "num_image_tokens"},
+                   names.INPUTS_EMBEDS: {0: "batch_size", 1: "sequence_length"}}),
     ]
 
-    present = kv_names("present", n_layers)
+    present = names.present_names(n_layers)
     kept = stage_outputs(ref.schedule.stages)
-    pre_axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-                "attention_mask": {0: "batch_size", 1: "sequence_length"},
-                "position_ids": {0: "batch_size", 1: "sequence_length"},
-                "image_start": {0: "batch_size"}, "logits": {0: "batch_size"}}
+    pre_axes = {names.INPUTS_EMBEDS: {0: "batch_size", 1: "sequence_length"},
+                names.ATTENTION_MASK: {0: "batch_size", 1: "sequence_length"},
+                names.POSITION_IDS: {0: "batch_size", 1: "sequence_length"},
+                names.IMAGE_START: {0: "batch_size"}, names.LOGITS: {0: "batch_size"}}
     for i in range(n_layers):
         gi = ref.schedule.group_of(i)
         for kind in ("key", "value"):
-            pre_axes[f"present.{i}.{kind}"] = {0: "batch_size", 2: group_axis(gi, "present_sequence_length")}
+            pre_axes[names.kv_name("present", i, kind)] = {0: "batch_size",
+                                                           2: names.group_axis(gi, "present_sequence_length")}
     for name in kept:  # kept_indices.* and merge_targets.*
         pre_axes[name] = {0: "batch_size"}
     specs.append(GraphSpec("prefill", PrefillGraph(ref), (embeds, mask, pos, start),
-                           ["inputs_embeds", "attention_mask", "position_ids", "image_start"],
-                           ["logits", *present, *kept], pre_axes))
+                           [names.INPUTS_EMBEDS, names.ATTENTION_MASK, names.POSITION_IDS, names.IMAGE_START],
+                           [names.LOGITS, *present, *kept], pre_axes))
 
     kvh, hd = ref.num_kv_heads, ref.head_dim
     past_lens = [seq - n_img + n + past_extra + gi for gi, (_, _, n) in enumerate(groups)]
@@ -142,17 +131,19 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
         past += [torch.randn(batch, kvh, p, hd, generator=g, dtype=dtype) for _ in range(2)]
     step = torch.randn(batch, 1, d, generator=g, dtype=dtype)
     step_pos = torch.full((batch, 1), seq + past_extra, dtype=torch.int64)
-    mask_names = [f"attention_mask.{gi}" for gi in range(len(groups))]
-    past_names = kv_names("past_key_values", n_layers)
-    dec_axes = {"inputs_embeds": {0: "batch_size"}, "position_ids": {0: "batch_size"}, "logits": {0: "batch_size"}}
+    mask_names = [names.decode_mask_name(gi) for gi in range(len(groups))]
+    past_names = names.past_names(n_layers)
+    dec_axes = {names.INPUTS_EMBEDS: {0: "batch_size"}, names.POSITION_IDS: {0: "batch_size"},
+                names.LOGITS: {0: "batch_size"}}
     for gi, name in enumerate(mask_names):
-        dec_axes[name] = {0: "batch_size", 1: group_axis(gi, "total_sequence_length")}
+        dec_axes[name] = {0: "batch_size", 1: names.group_axis(gi, "total_sequence_length")}
     for i in range(n_layers):
         gi = ref.schedule.group_of(i)
         for kind in ("key", "value"):
-            dec_axes[f"past_key_values.{i}.{kind}"] = {0: "batch_size", 2: group_axis(gi, "past_sequence_length")}
-            dec_axes[f"present.{i}.{kind}"] = {0: "batch_size"}
+            dec_axes[names.kv_name("past_key_values", i, kind)] = {
+                0: "batch_size", 2: names.group_axis(gi, "past_sequence_length")}
+            dec_axes[names.kv_name("present", i, kind)] = {0: "batch_size"}
     specs.append(GraphSpec("decode", DecodeGraph(ref), (step, step_pos, *masks, *past),
-                           ["inputs_embeds", "position_ids", *mask_names, *past_names], ["logits", *present],
-                           dec_axes))
+                           [names.INPUTS_EMBEDS, names.POSITION_IDS, *mask_names, *past_names],
+                           [names.LOGITS, *present], dec_axes))
     return specs

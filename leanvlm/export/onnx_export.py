@@ -14,16 +14,18 @@ from pathlib import Path
 import torch
 
 from leanvlm.export.graphs import GraphSpec
+from leanvlm.spec import defaults, names
 
 EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_OPSET = 18
 # Opsets whose standard ops TensorRT 10.3's parser covers for these graphs; 23 adds fused ops it rejects.
 SUPPORTED_OPSETS = range(14, 23)
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo's record of the module scopes a node came from
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET, exporter: str = "torchscript",
+def export_graph(spec: GraphSpec, path: Path, opset: int = defaults.OPSET, exporter: str = defaults.EXPORTER,
                  external_data: bool = False) -> None:
-    """Export `spec` to `path` (ONNX). With external_data, weights go to `<path>.data` beside it."""
+    """Export `spec` to `path` (ONNX) with stable names on the reduction path. With external_data, weights go
+    to `<path>.data` beside it."""
     spec.module.eval()
     kwargs = dict(opset_version=opset, input_names=spec.input_names, output_names=spec.output_names)
     with torch.no_grad(), warnings.catch_warnings():
@@ -35,23 +37,65 @@ def export_graph(spec: GraphSpec, path: Path, opset: int = DEFAULT_OPSET, export
             program = torch.onnx.export(spec.module, spec.example, dynamo=True, optimize=True,
                                         dynamic_shapes=_dynamic_shapes(spec), **kwargs)
             program.save(str(path), external_data=external_data)
-            return
         else:
             raise ValueError(f"exporter {exporter!r}: choose one of {EXPORTERS}")
-    _pin_static_dims(spec, path)
-    if external_data:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay where they are
+    if exporter == "torchscript":
+        _pin_static_dims(spec, model)
+    stable_node_names(model)
+    onnx.save_model(model, str(path))
+    if external_data and exporter == "torchscript":
         _move_weights_out(path)
 
 
-def _pin_static_dims(spec: GraphSpec, path: Path) -> None:
-    """Give output axes that are not dynamic their concrete size (TorchScript leaves names like
-    `Addpresent.0.key_dim_3` where its shape inference gave up), so IO specs and TensorRT see them."""
+def stable_node_names(model) -> int:
+    """Rename the nodes of the reduction path to their stable names (leanvlm.spec.names): `/model/layers.2/
+    reduce/TopK`, `/model/layers.2/reduce/TopK_1`, ... Returns how many nodes were renamed."""
+    taken = {n.name for n in model.graph.node}
+    renamed = 0
+    for node in model.graph.node:
+        recorded = next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES), node.name)
+        prefix = names.stable_scope(recorded)
+        if prefix is None:
+            continue
+        base = f"{prefix}/{node.op_type}"
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        node.name = name
+        renamed += 1
+    return renamed
+
+
+def graph_io(path: Path) -> dict:
+    """Input/output names, shapes (ints or axis names) and element types of an ONNX file."""
     import onnx
 
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+        return out
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"file": path.name, "opset": opset, "inputs": describe(model.graph.input),
+            "outputs": describe(model.graph.output)}
+
+
+def _pin_static_dims(spec: GraphSpec, model) -> None:
+    """Give output axes that are not dynamic their concrete size (TorchScript leaves names like
+    `Addpresent.0.key_dim_3` where its shape inference gave up), so IO specs and TensorRT see them."""
     with torch.no_grad():
         outs = spec.module(*spec.example)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    model = onnx.load(str(path))
     for value, tensor in zip(model.graph.output, outs):
         dynamic = spec.dynamic_axes.get(value.name, {})
         dims = value.type.tensor_type.shape.dim
@@ -60,7 +104,6 @@ def _pin_static_dims(spec: GraphSpec, path: Path) -> None:
                 d.dim_param = dynamic[ax]
             else:
                 d.dim_value = int(tensor.shape[ax])
-    onnx.save_model(model, str(path))
 
 
 def _dynamic_shapes(spec: GraphSpec) -> tuple:

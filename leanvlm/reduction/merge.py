@@ -33,9 +33,10 @@ def rank_weighted_merge(x: torch.Tensor, scores: torch.Tensor, r: int):
 
 
 def visionzip(h: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
-    """VisionZip over patch tokens h [B, N, D]: the `dominant` tokens with most CLS attention, then
-    `contextual` tokens: targets evenly strided among the rest, every other remaining token assigned to the
-    target whose key (head-mean) is most cosine-similar, each target becoming target + mean(assigned).
+    """VisionZip over patch tokens h [B, N, D]: the `dominant` tokens with most CLS attention, then `contextual`
+    tokens: of the M remaining tokens, every floor(M/C)-th from the first is a target (the reference code's
+    `arange(0, M, M // C)[:C]`), every other remaining token is assigned to the target whose key (head-mean) is
+    most cosine-similar, and each target becomes target + mean(assigned).
 
     Returns (tokens [B, dominant + contextual, D], dominant indices [B, dominant] ascending, targets [B, C]).
     """
@@ -46,7 +47,7 @@ def visionzip(h: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, 
     targets = rest[:, :0]
     if contextual:
         m = n - dominant
-        t_pos = torch.linspace(0, m - 1, contextual).round().to(torch.int64)
+        t_pos = contextual_targets(m, contextual)
         o_mask = torch.ones(m, dtype=torch.bool)
         o_mask[t_pos] = False
         o_pos = torch.arange(m)[o_mask]
@@ -58,3 +59,8 @@ def visionzip(h: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, 
         assigned = torch.matmul(onehot.transpose(1, 2), gather_tokens(h, others)) / counts
         tokens.append(gather_tokens(h, targets) + assigned)
     return torch.cat(tokens, 1), dom, targets
+
+
+def contextual_targets(m: int, contextual: int) -> torch.Tensor:
+    """Positions (among the M remaining tokens) of VisionZip's contextual targets: a build-time constant."""
+    return torch.arange(0, m, max(1, m // contextual))[:contextual]

@@ -46,7 +46,7 @@ class Plan:
 
 def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes: int = 4) -> Plan:
     """Token counts, FLOPs and KV bytes of `schedule` on a LLaVA `config` for a prompt of `text_tokens`."""
-    from leanvlm.reference.model import vision_layers_used
+    from leanvlm.models.llava_config import vision_layers_used
 
     v, t = config.vision_config, config.text_config
     n_vit = (v.image_size // v.patch_size) ** 2  # patches; CLS is added below

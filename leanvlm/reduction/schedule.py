@@ -22,6 +22,7 @@ from leanvlm.errors import UserError
 
 METHODS = ("fastv", "pdrop", "illava", "visionzip")
 SCORE_AT = ("previous", "current")
+DECODE_POSITIONS = ("group", "prompt")
 POSITIONS = ("keep", "renumber")
 LLM_ACTIONS = ("drop", "merge")
 # where -> (allowed scores, allowed actions); the first of each is the default
@@ -30,7 +31,9 @@ PLACES = {
     "vision": (("mean_received",), ("merge",)),
     "projector": (("cls",), ("visionzip",)),
 }
-_STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual"}
+_STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual", "keep_cls"}
+_FILE_FIELDS = {"stages", "decode_positions"}
+VISIONZIP_KEEP_CLS = True  # the reference code sends CLS to the LLM as one of its dominant tokens
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,20 @@ class VisionStage:
     """A stage before the LLM. kind "vit_merge" (iLLaVA): inside ViT layer `layer`, after attention and
     before the MLP, merge the patch tokens receiving the least attention (mean over queries and heads) down to
     `num_keep` with rank weights. kind "visionzip": on the feature layer's output, keep `num_keep - contextual`
-    dominant tokens by CLS attention and `contextual` merged tokens by key similarity."""
+    dominant tokens by CLS attention and `contextual` merged tokens by key similarity; with `keep_cls` (the
+    reference code's behaviour) the CLS token is one of the dominant tokens and goes to the LLM first."""
 
     kind: str
     num_keep: int
     keep: float
     layer: int = -1  # ViT layer for vit_merge; -1: the feature layer (visionzip)
     contextual: int = 0
+    keep_cls: bool = False  # visionzip: the CLS token is one of the dominant tokens sent to the LLM (reference)
+
+    @property
+    def dominant_patches(self) -> int:
+        """visionzip: patch tokens kept by CLS attention (the dominant count less CLS when it is kept)."""
+        return self.num_keep - self.contextual - int(self.keep_cls)
 
     @property
     def merges(self) -> bool:
@@ -86,6 +96,9 @@ class Schedule:
     method: str = "none"
     vision_stages: tuple[VisionStage, ...] = ()
     vision_layers: int = 0  # encoder layers run up to the feature layer (bounds vit_merge layers)
+    # Decode-time position ids of layers after a renumbering stage: "group" continues after the group's own
+    # renumbered prompt (PyramidDrop's reference code), "prompt" after the full prompt in every group.
+    decode_positions: str = "group"
 
     @property
     def llm_image_tokens(self) -> int:
@@ -113,9 +126,11 @@ class Schedule:
 
     @classmethod
     def pdrop(cls, num_layers: int, num_image_tokens: int, keep: float) -> "Schedule":
-        """PyramidDrop: drops at 1/4, 1/2 and 3/4 of the depth keeping lambda, lambda^2, lambda^3 with
+        """PyramidDrop: drops at 1/4, 1/2 and 3/4 of the depth keeping int(N * lambda^j) for j = 1, 2, 3 with
         lambda = keep^(1/3), so keep 0.125 gives the paper's LLaVA-1.5 schedule (layers 8/16/24 of 32 keeping
-        0.5/0.25/0.125). Scores are recomputed from each drop layer's own q and k; positions renumbered."""
+        288/144/72 of 576). Scores are recomputed from each drop layer's own q and k; positions renumbered, and
+        decode tokens numbered after each group's renumbered prompt (decode_positions "group"), as the
+        reference code (Cooperx521/PyramidDrop) does."""
         _check_keep(keep)
         if keep == 1.0:
             return cls(num_layers, num_image_tokens, ())
@@ -123,21 +138,24 @@ class Schedule:
         if len(layers) < 3 or layers[-1] >= num_layers:
             raise UserError(f"--method pdrop needs at least 4 decoder layers (model has {num_layers})")
         lam = keep ** (1 / 3)
-        counts = [_count(lam ** (j + 1), num_image_tokens, "--keep") for j in range(3)]
+        # the reference code truncates: int(N * ratio) for the cumulative ratios lambda, lambda^2, lambda^3
+        counts = [_count(lam ** (j + 1), num_image_tokens, "--keep", truncate=True) for j in range(3)]
         stages = tuple(LLMStage(layer=l, num_keep=k, keep=k / num_image_tokens, score_at="current", positions="renumber")
                        for l, k in zip(layers, counts))
         return cls(num_layers, num_image_tokens, stages, "pdrop")
 
     @classmethod
-    def visionzip(cls, num_layers: int, num_image_tokens: int, keep: float, vision_layers: int = 0) -> "Schedule":
+    def visionzip(cls, num_layers: int, num_image_tokens: int, keep: float, vision_layers: int = 0,
+                  keep_cls: bool = VISIONZIP_KEEP_CLS) -> "Schedule":
         """VisionZip before the LLM: keep * N tokens, of which 10/64 contextual (the paper's 54 + 10 of 576 at
-        keep 64/576)."""
+        keep 64/576); with keep_cls (the reference code) CLS is one of the dominant tokens: 53 patches + CLS."""
         _check_keep(keep)
         if keep == 1.0:
             return cls(num_layers, num_image_tokens, vision_layers=vision_layers)
         total = _count(keep, num_image_tokens, "--keep")
+        keep_cls = keep_cls and total >= 2  # one token is one patch
         stage = VisionStage("visionzip", num_keep=total, keep=total / num_image_tokens,
-                            contextual=_visionzip_contextual(total))
+                            contextual=_visionzip_contextual(total, keep_cls), keep_cls=keep_cls)
         return cls(num_layers, num_image_tokens, (), "visionzip", (stage,), vision_layers)
 
     @classmethod
@@ -194,13 +212,21 @@ class Schedule:
             raise UserError(f"--schedule {path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from e
         if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
             raise UserError(f"--schedule {path}: expected a mapping with a 'stages' list")
+        unknown = set(data) - _FILE_FIELDS
+        if unknown:
+            raise UserError(f"--schedule {path}: unknown top-level field(s) {sorted(unknown)}; known: "
+                            f"{sorted(_FILE_FIELDS)}")
+        decode_positions = data.get("decode_positions", "group")
+        if decode_positions not in DECODE_POSITIONS:
+            raise UserError(f"--schedule {path}: decode_positions {decode_positions!r}: choose one of "
+                            f"{', '.join(DECODE_POSITIONS)}")
         llm, vision = [], []
         for i, raw in enumerate(data["stages"]):
             stage = _parse_stage(raw, f"--schedule {path}: stage {i}", num_image_tokens)
             (vision if isinstance(stage, VisionStage) else llm).append(stage)
             if isinstance(stage, VisionStage) and llm:
                 raise UserError(f"--schedule {path}: stage {i}: a {raw.get('where')} stage cannot follow LLM stages")
-        return cls(num_layers, num_image_tokens, tuple(llm), "file", tuple(vision), vision_layers)
+        return cls(num_layers, num_image_tokens, tuple(llm), "file", tuple(vision), vision_layers, decode_positions)
 
     # ---- structure ---------------------------------------------------------------------------
     def stage_at(self, layer: int) -> LLMStage | None:
@@ -222,6 +248,17 @@ class Schedule:
         """Index of the cache group holding `layer`."""
         return next(g for g, (a, b, _) in enumerate(self.groups) if a <= layer < b)
 
+    def decode_position_offsets(self) -> list[int]:
+        """Per cache group: what decode subtracts from the full-prompt position of a new token. Non-zero only
+        for groups after a renumbering stage with decode_positions "group": the image tokens dropped up to
+        the last renumbering, so new tokens follow the group's renumbered prompt without a gap."""
+        offsets, offset = [0], 0
+        for s in self.stages:
+            if s.positions == "renumber" and self.decode_positions == "group":
+                offset = self.llm_image_tokens - s.num_keep
+            offsets.append(offset)
+        return offsets
+
     def image_tokens_per_layer(self) -> list[int]:
         """How many image tokens each decoder layer processes."""
         return [n for a, b, n in self.groups for _ in range(a, b)]
@@ -229,6 +266,7 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "num_image_tokens": self.num_image_tokens, "method": self.method,
                 "vision_layers": self.vision_layers, "llm_image_tokens": self.llm_image_tokens,
+                "decode_positions": self.decode_positions,
                 "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [asdict(s) for s in self.stages]}
 
     @classmethod
@@ -237,8 +275,9 @@ class Schedule:
         try:
             stages = tuple(LLMStage(**{k: v for k, v in s.items() if k != "kind"}) for s in d.get("stages", []))
             vision = tuple(VisionStage(**s) for s in d.get("vision_stages", []))
+            # engines written before decode_positions existed numbered decode tokens after the full prompt
             return cls(int(d["num_layers"]), int(d["num_image_tokens"]), stages, d.get("method", "none"), vision,
-                       int(d.get("vision_layers", 0)))
+                       int(d.get("vision_layers", 0)), d.get("decode_positions", "prompt"))
         except (TypeError, KeyError, ValueError) as e:
             raise UserError(f"schedule record is malformed or from an unsupported version ({e})") from e
 
@@ -276,9 +315,11 @@ def _parse_stage(raw, where: str, n: int):
     layer = raw.get("layer", -1)
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise UserError(f"{where}: layer {layer!r} is not an integer")
+    if place != "projector":
+        for f in ("contextual", "keep_cls"):
+            if f in raw:
+                raise UserError(f"{where}: {f} is a field of projector stages, not {place} stages")
     if place == "llm":
-        if "contextual" in raw:
-            raise UserError(f"{where}: contextual is not a field of llm stages")
         return LLMStage(layer=layer, num_keep=num_keep, keep=num_keep / n, score_at=raw.get("score_at", "previous"),
                         positions=raw.get("positions", "keep"), action=action, score=score)
     for f in ("score_at", "positions"):
@@ -286,14 +327,20 @@ def _parse_stage(raw, where: str, n: int):
             raise UserError(f"{where}: {f} is a field of llm stages, not {place} stages")
     if place == "vision":
         return VisionStage("vit_merge", num_keep=num_keep, keep=num_keep / n, layer=layer)
-    contextual = raw.get("contextual", _visionzip_contextual(num_keep))
+    keep_cls = raw.get("keep_cls", VISIONZIP_KEEP_CLS)
+    if not isinstance(keep_cls, bool):
+        raise UserError(f"{where}: keep_cls {keep_cls!r} must be true or false")
+    contextual = raw.get("contextual", _visionzip_contextual(num_keep, keep_cls))
     if isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 0:
         raise UserError(f"{where}: contextual {contextual!r} must be a non-negative integer")
-    return VisionStage("visionzip", num_keep=num_keep, keep=num_keep / n, contextual=contextual)
+    return VisionStage("visionzip", num_keep=num_keep, keep=num_keep / n, contextual=contextual, keep_cls=keep_cls)
 
 
 def validate(schedule: Schedule) -> None:
     """Raise UserError naming the stage and field of the first problem."""
+    if schedule.decode_positions not in DECODE_POSITIONS:
+        raise UserError(f"schedule decode_positions {schedule.decode_positions!r}: choose one of "
+                        f"{', '.join(DECODE_POSITIONS)}")
     count = schedule.num_image_tokens
     prev_vit = -1
     for i, v in enumerate(schedule.vision_stages):
@@ -308,11 +355,14 @@ def validate(schedule: Schedule) -> None:
         elif v.kind == "visionzip":
             if i != len(schedule.vision_stages) - 1:
                 raise UserError(f"{where}: visionzip acts on the encoder output and must be the last vision stage")
-            if not 0 <= v.contextual < v.num_keep:
-                raise UserError(f"{where}: contextual {v.contextual} must leave at least one dominant token of "
-                                f"{v.num_keep}")
+            if v.contextual < 0 or v.dominant_patches < 1:
+                cls_note = " besides CLS" if v.keep_cls else ""
+                raise UserError(f"{where}: contextual {v.contextual} must leave at least one dominant patch token"
+                                f"{cls_note} of {v.num_keep}")
         else:
             raise UserError(f"{where}: unknown kind {v.kind!r}")
+        if v.keep_cls and v.kind != "visionzip":
+            raise UserError(f"{where}: keep_cls is a field of visionzip stages")
         _check_count(where, v.num_keep, count, schedule.num_image_tokens)
         count = v.num_keep
     prev_layer = 0
@@ -345,9 +395,9 @@ def _check_count(where: str, keep: int, before: int, total: int) -> None:
         raise UserError(f"{where}: keep {keep} tokens would increase the count ({before} before it)")
 
 
-def _visionzip_contextual(total: int) -> int:
-    """VisionZip's contextual share: 10 of 64 tokens (its 54 + 10 default), leaving at least one dominant."""
-    return min(round(total * 10 / 64), total - 1)
+def _visionzip_contextual(total: int, keep_cls: bool = False) -> int:
+    """VisionZip's contextual share: 10 of 64 tokens (its 54 + 10 default), leaving at least one dominant patch."""
+    return max(0, min(round(total * 10 / 64), total - 1 - int(keep_cls)))
 
 
 def _check_keep(keep) -> None:
@@ -355,8 +405,10 @@ def _check_keep(keep) -> None:
         raise UserError(f"--keep {keep}: must be in (0, 1] (the fraction of image tokens kept)")
 
 
-def _count(fraction: float, n: int, flag: str) -> int:
-    k = round(n * fraction)
+def _count(fraction: float, n: int, flag: str, truncate: bool = False) -> int:
+    """Tokens kept of n: rounded (FastV's reference code), or truncated like int() (PyramidDrop's); the
+    epsilon keeps 576 * 0.5 ** (1/3) ** 3 from truncating to 71."""
+    k = int(n * fraction + 1e-9) if truncate else round(n * fraction)
     if k < 1:
         raise UserError(f"{flag} {fraction:g}: keeps {n} x {fraction:g} -> 0 of {n} image tokens; "
                         f"use at least {1 / n:.4g}")

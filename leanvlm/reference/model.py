@@ -15,8 +15,19 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from leanvlm.errors import UserError
 from leanvlm.models import layout
+from leanvlm.models.llava_config import head_dim, num_image_tokens, vision_layers_used
 from leanvlm.reduction import merge, select
 from leanvlm.reduction.schedule import Schedule
+from leanvlm.spec.names import scope_key
+
+
+class _Scope(nn.Module):
+    """Calls a function under this module's name. The exporters record that name on every node the function
+    adds (TorchScript in the node name, dynamo in its name-scope metadata), which is how the reduction path
+    gets its stable node names (leanvlm.spec.names)."""
+
+    def forward(self, fn, *args):
+        return fn(*args)
 
 
 class ReducedLlava(nn.Module):
@@ -32,7 +43,7 @@ class ReducedLlava(nn.Module):
         self.num_layers = text.num_hidden_layers
         self.num_heads = text.num_attention_heads
         self.num_kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.head_dim = head_dim(text)
         self.image_token_id = int(cfg.image_token_id)
         if not isinstance(cfg.vision_feature_layer, int):
             raise UserError(f"vision_feature_layer {cfg.vision_feature_layer}: only a single feature layer is supported")
@@ -41,6 +52,10 @@ class ReducedLlava(nn.Module):
                              f"{num_image_tokens(cfg)} image tokens)")
         if schedule.vision_stages and cfg.vision_feature_select_strategy != "default":
             raise UserError("vision-encoder stages need vision_feature_select_strategy 'default' (CLS dropped)")
+        keys = [scope_key("llm", s.layer) for s in schedule.stages]
+        keys += [scope_key(v.kind if v.kind == "visionzip" else "vit", v.layer) for v in schedule.vision_stages]
+        self.reduce = nn.ModuleDict({k: _Scope() for k in keys})
+        self.decode_offsets = schedule.decode_position_offsets()
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -67,7 +82,8 @@ class ReducedLlava(nn.Module):
 
         Runs the tower up to the feature layer with the schedule's vision stages, then the projector.
         kept[j] [B, n_j]: original patch index of each token after vision stage j (for VisionZip: dominant,
-        then contextual tokens, in image-token order); merge_targets[j]: the tokens that absorbed others.
+        then contextual tokens, in image-token order; -1 for the CLS token when it is kept); merge_targets[j]:
+        the tokens that absorbed others.
         """
         vm = self.vision_model
         h = vm.pre_layrnorm(vm.embeddings(pixel_values))
@@ -83,28 +99,50 @@ class ReducedLlava(nn.Module):
                 h = h[0] if isinstance(h, tuple) else h
                 continue
             h, probs, q, keys = self._vit_attention(layer, h, need_probs=stage is not None)
-            if zipper is not None and i == last:  # CLS query row only; head-summed, as VisionZip ranks
-                cls_row = torch.softmax(torch.matmul(q[:, :, :1], keys.transpose(-1, -2)) * layer.self_attn.scale, -1)
-                zip_inputs = (cls_row.sum(1)[:, 0, 1:], keys.mean(1)[:, 1:])
+            if zipper is not None and i == last:
+                zip_inputs = self.reduce["visionzip"](self._visionzip_inputs, layer, q, keys)
             if stage is not None:
-                received = probs.mean(1).mean(1)[:, 1:]  # attention each patch receives: mean over heads, queries
-                patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, origin.shape[1] - stage.num_keep)
-                h = torch.cat([h[:, :1], select.gather_tokens(patches, keep)], 1)
-                if zip_inputs is not None:  # merged in the feature layer too: survivors keep their own score, key
-                    zip_inputs = (torch.gather(zip_inputs[0], 1, keep), select.gather_tokens(zip_inputs[1], keep))
-                targets.append(torch.gather(origin, 1, target[:, None]))
-                origin = torch.gather(origin, 1, keep)
+                h, origin, zip_inputs, target = self.reduce[scope_key("vit", i)](
+                    self._vit_merge, h, probs, origin, stage.num_keep, zip_inputs)
+                targets.append(target)
                 kept.append(origin)
             h = h + layer.mlp(layer.layer_norm2(h))
         feats = h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h
         if zipper is not None:
-            cls_attention, keys = zip_inputs
-            feats, dom, tgt = merge.visionzip(feats, cls_attention, keys, zipper.num_keep - zipper.contextual,
-                                              zipper.contextual)
-            kept.append(torch.cat([torch.gather(origin, 1, dom), torch.gather(origin, 1, tgt)], 1))
+            feats, zip_kept, zip_target = self.reduce["visionzip"](self._visionzip, zipper, h, feats, origin,
+                                                                   zip_inputs)
+            kept.append(zip_kept)
             if zipper.merges:
-                targets.append(torch.gather(origin, 1, tgt))
+                targets.append(zip_target)
         return self.hf.model.multi_modal_projector(feats), kept, targets
+
+    @staticmethod
+    def _visionzip_inputs(layer, q, keys):
+        """VisionZip's scores: the CLS query row of the feature layer's attention (head-summed, as VisionZip
+        ranks) over the patches, and the head-mean keys of the patches."""
+        cls_row = torch.softmax(torch.matmul(q[:, :, :1], keys.transpose(-1, -2)) * layer.self_attn.scale, -1)
+        return cls_row.sum(1)[:, 0, 1:], keys.mean(1)[:, 1:]
+
+    @staticmethod
+    def _vit_merge(h, probs, origin, num_keep: int, zip_inputs):
+        """iLLaVA's ViT merge of the patch tokens down to num_keep; CLS stays first."""
+        received = probs.mean(1).mean(1)[:, 1:]  # attention each patch receives: mean over heads, queries
+        patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, origin.shape[1] - num_keep)
+        h = torch.cat([h[:, :1], select.gather_tokens(patches, keep)], 1)
+        if zip_inputs is not None:  # merged in the feature layer too: survivors keep their own score, key
+            zip_inputs = (torch.gather(zip_inputs[0], 1, keep), select.gather_tokens(zip_inputs[1], keep))
+        return h, torch.gather(origin, 1, keep), zip_inputs, torch.gather(origin, 1, target[:, None])
+
+    @staticmethod
+    def _visionzip(zipper, h, feats, origin, zip_inputs):
+        """VisionZip on the feature layer's patch tokens; with keep_cls the CLS token leads the dominant ones."""
+        cls_attention, keys = zip_inputs
+        out, dom, tgt = merge.visionzip(feats, cls_attention, keys, zipper.dominant_patches, zipper.contextual)
+        kept = torch.cat([torch.gather(origin, 1, dom), torch.gather(origin, 1, tgt)], 1)
+        if zipper.keep_cls:
+            out = torch.cat([h[:, :1], out], 1)
+            kept = torch.cat([torch.full_like(kept[:, :1], -1), kept], 1)  # CLS has no patch index
+        return out, kept, torch.gather(origin, 1, tgt)
 
     def _vit_attention(self, layer, h, need_probs: bool):
         """CLIP self-attention with its residual; also head-wise probabilities (when asked), queries and keys."""
@@ -153,7 +191,6 @@ class ReducedLlava(nn.Module):
         LLM's image tokens), and per merge stage the token that absorbed the others [B, 1].
         """
         h = inputs_embeds
-        seq_len = h.shape[1]
         n_image = self.schedule.llm_image_tokens
         mask = self._prefill_mask(attention_mask, h.dtype)
         cos, sin = self.lm.rotary_emb(h, position_ids)
@@ -165,32 +202,43 @@ class ReducedLlava(nn.Module):
         for i, layer in enumerate(self.lm.layers):
             stage = self.schedule.stage_at(i)
             if stage is not None:
-                if stage.score_at == "current":  # PyramidDrop: this layer's own q (last token) and k
-                    scores = self._last_token_scores(layer, h, cos, sin, mask)
-                image_scores = select.image_scores(scores, image_start, n_image)
-                if stage.action == "merge":  # iLLaVA: the removed tokens are averaged into one kept token
-                    h, local, target = self._merge_image_tokens(h, image_scores, image_start, n_image, stage.num_keep)
+                h, attention_mask, position_ids, local, target = self.reduce[scope_key("llm", stage.layer)](
+                    self._apply_stage, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin,
+                    mask, n_image)
+                if target is not None:
                     targets_all.append(target if original is None else torch.gather(original, 1, target))
-                else:
-                    local = select.select_top(image_scores, stage.num_keep)
                 original = local if original is None else torch.gather(original, 1, local)
-                index = select.keep_index(image_start, local, seq_len, n_image)
-                h = select.gather_tokens(h, index)
-                attention_mask = select.gather_tokens(attention_mask, index)
-                if stage.positions == "renumber":
-                    position_ids = select.renumber_positions(attention_mask)
-                else:
-                    position_ids = select.gather_tokens(position_ids, index)
                 mask = self._prefill_mask(attention_mask, h.dtype)
                 cos, sin = self.lm.rotary_emb(h, position_ids)
-                seq_len, n_image = h.shape[1], stage.num_keep
+                n_image = stage.num_keep
                 kept_all.append(original)
             scorer = self.schedule.scores_at(i)
-            h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, scorer and scorer.score,
-                                          attention_mask)
+            h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, scorer, attention_mask)
             presents.append((k, v))
         logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
         return logits, presents, kept_all, targets_all
+
+    def _apply_stage(self, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin, mask,
+                     n_image: int):
+        """One LLM stage at the input of `layer`: score (or take the previous layer's scores), select or merge,
+        and gather the surviving tokens with their mask and positions. Returns (h, attention_mask,
+        position_ids, kept [B, k] and merge target [B, 1] or None, both local to the current image tokens)."""
+        if stage.score_at == "current":  # PyramidDrop: this layer's own q (last token) and k
+            scores = self._last_token_scores(layer, h, cos, sin, mask)
+        image_scores = select.image_scores(scores, image_start, n_image)
+        target = None
+        if stage.action == "merge":  # iLLaVA: the removed tokens are averaged into one kept token
+            h, local, target = self._merge_image_tokens(h, image_scores, image_start, n_image, stage.num_keep)
+        else:
+            local = select.select_top(image_scores, stage.num_keep)
+        index = select.keep_index(image_start, local, h.shape[1], n_image)
+        h = select.gather_tokens(h, index)
+        attention_mask = select.gather_tokens(attention_mask, index)
+        if stage.positions == "renumber":
+            position_ids = select.renumber_positions(attention_mask)
+        else:
+            position_ids = select.gather_tokens(position_ids, index)
+        return h, attention_mask, position_ids, local, target
 
     @staticmethod
     def _merge_image_tokens(h, image_scores, image_start, n_image: int, num_keep: int):
@@ -214,15 +262,20 @@ class ReducedLlava(nn.Module):
         """One step for one new token per request.
 
         group_masks[g] [B, P_g + 1] marks valid past entries of cache group g plus the new token (last
-        column). Returns logits [B, V] and the new (key, value) [B, kv_heads, 1, d] of every layer.
+        column). position_ids [B, 1] number the token after the full prompt; groups after a renumbering stage
+        subtract their decode position offset (Schedule.decode_position_offsets). Returns logits [B, V] and the
+        new (key, value) [B, kv_heads, 1, d] of every layer.
         """
         h = inputs_embeds
-        cos, sin = self.lm.rotary_emb(h, position_ids)
+        rotary = {off: self.lm.rotary_emb(h, position_ids - off if off else position_ids)
+                  for off in sorted(set(self.decode_offsets))}
         masks = [self._decode_mask(m, h.dtype) for m in group_masks]
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.lm.layers):
             pk, pv = past[i]
-            h, k, v, _ = self._layer(layer, h, cos, sin, masks[self.schedule.group_of(i)], pk, pv, None)
+            g = self.schedule.group_of(i)
+            cos, sin = rotary[self.decode_offsets[g]]
+            h, k, v, _ = self._layer(layer, h, cos, sin, masks[g], pk, pv, None)
             new_kv.append((k, v))
         logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
         return logits, new_kv
@@ -245,10 +298,11 @@ class ReducedLlava(nn.Module):
         k = repeat_kv(self._project(attn.k_proj, x, cos, sin, self.num_kv_heads), self.num_heads // self.num_kv_heads)
         return select.last_query_scores(q, k, mask[:, :, -1:], attn.scaling)
 
-    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, score: str | None, query_mask=None):
-        """One decoder layer. `score` ("last_token" | "mean_received" | None) also returns head-mean attention
-        scores over the keys [B, S]: from the last query row only, or averaged over every non-pad query row
-        (that one needs this layer's full attention matrix, so it is computed explicitly here)."""
+    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, scorer=None, query_mask=None):
+        """One decoder layer. With `scorer` (the stage scored by this layer) also returns head-mean attention
+        scores over the keys [B, S] by the stage's score: from the last query row only ("last_token"), or
+        averaged over every non-pad query row ("mean_received": this layer's full attention matrix is then
+        computed explicitly)."""
         attn = layer.self_attn
         b, t, _ = h.shape
         x = layer.input_layernorm(h)
@@ -260,15 +314,15 @@ class ReducedLlava(nn.Module):
         n_rep = self.num_heads // self.num_kv_heads
         kr, vr = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
         scores = None
-        if score == "mean_received":
+        if scorer is not None and scorer.score == "mean_received":
             probs = torch.softmax(torch.matmul(q, kr.transpose(-1, -2)) * attn.scaling + mask, dim=-1)
             o = torch.matmul(probs, vr)
-            rows = query_mask.to(probs.dtype)[:, :, None]  # pad queries do not vote
-            scores = (probs.mean(1) * rows).sum(1) / rows.sum(1)
+            scores = self.reduce[scope_key("llm", scorer.layer)](_mean_received, probs, query_mask)
         else:
             o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=attn.scaling)
-        if score == "last_token":
-            scores = select.last_query_scores(q[:, :, -1:], kr, mask[:, :, -1:], attn.scaling)
+        if scorer is not None and scorer.score == "last_token":
+            scores = self.reduce[scope_key("llm", scorer.layer)](select.last_query_scores, q[:, :, -1:], kr,
+                                                                 mask[:, :, -1:], attn.scaling)
         o = attn.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         h = h + o
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -288,17 +342,10 @@ class ReducedLlava(nn.Module):
         return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-def vision_layers_used(config) -> int:
-    """Encoder layers that feed the selected feature layer; later ones are never run."""
-    layer = config.vision_feature_layer
-    return config.vision_config.num_hidden_layers + 1 + layer if layer < 0 else layer
-
-
-def num_image_tokens(config) -> int:
-    """Image tokens a LLaVA config feeds the LLM: patches, plus CLS unless the 'default' strategy drops it."""
-    v = config.vision_config
-    n = (v.image_size // v.patch_size) ** 2
-    return n if config.vision_feature_select_strategy == "default" else n + 1
+def _mean_received(probs: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """Attention each key receives, head-mean, averaged over the non-pad query rows: [B, H, L, S] -> [B, S]."""
+    rows = query_mask.to(probs.dtype)[:, :, None]  # pad queries do not vote
+    return (probs.mean(1) * rows).sum(1) / rows.sum(1)
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def _prompt_with_text_tokens(pipe, text_tokens: int) -> tuple[str, int]:
     """A user prompt whose templated, tokenized form has about `text_tokens` tokens besides the image
     tokens; returns it and the exact count."""
     tok = pipe.tokenizer
-    n_img = pipe.manifest["model"]["num_image_tokens"]
+    n_img = pipe.spec.model.num_image_tokens
     filler = tok("the red circle is left of a small blue square near the top corner " * 200,
                  add_special_tokens=False)["input_ids"]
     image = _image(pipe)
@@ -59,7 +59,7 @@ def _prompt_with_text_tokens(pipe, text_tokens: int) -> tuple[str, int]:
 def _image(pipe):
     from PIL import Image
 
-    size = pipe.manifest["model"]["image_size"]
+    size = pipe.spec.model.image_size
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
 
@@ -75,22 +75,21 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
         options["device"] = os.environ.get("LEANVLM_BENCH_DEVICE")
         options["dtype"] = os.environ.get("LEANVLM_BENCH_DTYPE")
     pipe = Pipeline.load(engine, backend=backend, **options)
-    if batch > pipe.manifest.limits["max_batch"]:
-        raise UserError(f"--batch {batch} exceeds the engine's max batch {pipe.manifest.limits['max_batch']}")
+    if batch > pipe.spec.limits.max_batch:
+        raise UserError(f"--batch {batch} exceeds the engine's max batch {pipe.spec.limits.max_batch}")
     prompt, text_tokens = _prompt_with_text_tokens(pipe, prompt_len)
     images, prompts = [_image(pipe)] * batch, [prompt] * batch
     kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
     for _ in range(warmup):
         pipe.generate(images=images, prompts=prompts, **kw)
     runs = [pipe.generate(images=images, prompts=prompts, **kw)[0] for _ in range(repeats)]
-    m = pipe.manifest["model"]
-    schedule = pipe.schedule
-    flops = prefill_flops_ratio(schedule, text_tokens, m["hidden_size"], m["intermediate_size"],
-                                m["num_kv_heads"] / m["num_heads"])
+    m = pipe.spec.model
+    flops = prefill_flops_ratio(pipe.schedule, text_tokens, m.hidden_size, m.intermediate_size,
+                                m.num_kv_heads / m.num_heads)
     return {
         "engine": str(engine), "backend": backend, "device": getattr(pipe.backend, "device", "cpu").__str__(),
-        "batch": batch, "text_tokens": text_tokens, "image_tokens": m["num_image_tokens"],
-        "prompt_tokens": text_tokens + m["num_image_tokens"], "new_tokens": new_tokens,
+        "batch": batch, "text_tokens": text_tokens, "image_tokens": m.num_image_tokens,
+        "prompt_tokens": text_tokens + m.num_image_tokens, "new_tokens": new_tokens,
         "schedule": pipe.manifest["schedule"], "theoretical_prefill_flops_ratio": flops,
         "vision_s": _stats([r.timings["vision_s"] for r in runs]),
         "prefill_s": _stats([r.timings["prefill_s"] for r in runs]),

@@ -9,46 +9,39 @@ Unfilled slots cost attention over masked entries (at most max_new_tokens per st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from leanvlm.errors import EngineError, UserError
-
-
-@dataclass
-class CacheGroup:
-    layers: range
-    image_tokens: int
-    limit: int  # the manifest's capacity for this group
+from leanvlm.spec.engine import EngineSpec
 
 
 class KVCache:
     """KV buffers for one batch of requests. `alloc(shape, dtype)` makes a zeroed array of the backend's kind
-    (numpy for ONNX Runtime on CPU, torch tensors for the torch backend)."""
+    (numpy for ONNX Runtime on CPU, torch tensors for the torch backend) in the engine's KV dtype."""
 
-    def __init__(self, groups: list[CacheGroup], batch: int, kv_heads: int, head_dim: int, prompt_len: int,
-                 num_image_tokens: int, max_new_tokens: int, alloc, dtype=np.float32, itemsize: int = 4,
-                 unreduced_image_tokens: int | None = None):
-        self.groups = groups
+    def __init__(self, spec: EngineSpec, batch: int, prompt_len: int, max_new_tokens: int, alloc):
+        self.groups = spec.cache_groups
         self.batch = batch
-        self.num_image_tokens = num_image_tokens  # in the LLM prompt
-        self.unreduced_image_tokens = unreduced_image_tokens or num_image_tokens  # every patch (for accounting)
-        self.kv_heads, self.head_dim, self.itemsize = kv_heads, head_dim, itemsize
-        self.prompt_lengths = [prompt_len - (num_image_tokens - g.image_tokens) for g in groups]
+        m = spec.model
+        self.num_image_tokens = m.num_image_tokens  # in the LLM prompt
+        self.unreduced_image_tokens = m.num_patch_tokens  # every patch (for accounting)
+        self.kv_heads, self.head_dim, self.itemsize = m.num_kv_heads, m.head_dim, spec.precision.itemsize
+        self.prompt_lengths = [prompt_len - (m.num_image_tokens - g.image_tokens) for g in self.groups]
         self.capacity = [n + max_new_tokens for n in self.prompt_lengths]
-        for g, (cap, grp) in enumerate(zip(self.capacity, groups)):
-            if cap > grp.limit:
+        for g, (cap, grp) in enumerate(zip(self.capacity, self.groups)):
+            if cap > grp.capacity:
                 raise UserError(f"prompt of {prompt_len} tokens + max_new_tokens {max_new_tokens} needs {cap} cache "
-                                f"entries in group {g}, past this engine's capacity of {grp.limit}")
-        self.lengths = [0] * len(groups)
-        self.layer_group = [g for g, grp in enumerate(groups) for _ in grp.layers]
-        self.keys = [alloc((batch, kv_heads, self.capacity[g], head_dim), dtype) for g in self.layer_group]
-        self.values = [alloc((batch, kv_heads, self.capacity[g], head_dim), dtype) for g in self.layer_group]
+                                f"entries in group {g}, past this engine's capacity of {grp.capacity}")
+        self.lengths = [0] * len(self.groups)
+        self.layer_group = [g for g, grp in enumerate(self.groups) for _ in grp.layers]
+        dtype = spec.precision.io_dtype
+        shape = lambda g: (batch, self.kv_heads, self.capacity[g], self.head_dim)  # noqa: E731
+        self.keys = [alloc(shape(g), dtype) for g in self.layer_group]
+        self.values = [alloc(shape(g), dtype) for g in self.layer_group]
         # masks[g] [B, capacity_g + 1]: filled slots of the group, plus the step's own token (last column)
         self.masks = [np.zeros((batch, cap + 1), dtype=np.int64) for cap in self.capacity]
-        for m in self.masks:
-            m[:, -1] = 1
+        for mask in self.masks:
+            mask[:, -1] = 1
 
     def fill(self, presents: list[tuple], attention_mask: np.ndarray) -> None:
         """Copy the prefill's per-layer KV into the buffers (once per request batch)."""

@@ -2,22 +2,24 @@
 against the unreduced one.
 
 Prefill (last-token logits, present KV, kept indices) is compared with Polygraphy's Comparator: the
-ONNX Runtime runner against a torch runner on the same feeds, SimpleCompareFunc with per-output
-tolerances (exact for kept indices). Greedy decoding over S steps is stateful (KV cache, token
-feedback), which Comparator's one-feed-one-result model does not cover, so it runs through two
-Pipelines (onnxruntime and torch backends) and compares token streams.
+ONNX Runtime runner against a torch runner on the same feeds; float outputs with SimpleCompareFunc at the
+engine precision's tolerances, kept indices and merge targets as indices (IndicesCompareFunc, exact).
+Polygraphy's log goes to stderr, so a caller's stdout carries only its own report. Greedy decoding over S
+steps is stateful (KV cache, token feedback), which Comparator's one-feed-one-result model does not cover,
+so it runs through two Pipelines (onnxruntime and torch backends) and compares token streams.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from leanvlm.export.manifest import Manifest
+from leanvlm.spec import names
 
 
 @dataclass
@@ -31,10 +33,13 @@ class ParityReport:
     polygraphy_passed: bool
     reduced_vs_unreduced: dict = field(default_factory=dict)  # greedy agreement, logit KL
     atol: float = 1e-4
+    precision: str = "fp32"
+    greedy_required: float = 1.0  # the precision's required greedy agreement
 
     @property
     def passed(self) -> bool:
-        return self.polygraphy_passed and self.kept_agreement == 1.0 and self.greedy_agreement == 1.0
+        return (self.polygraphy_passed and self.kept_agreement == 1.0
+                and self.greedy_agreement >= self.greedy_required)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -51,28 +56,12 @@ def sample_requests(n: int, size: int, seed: int = 0):
     return images, [prompts[i % len(prompts)] for i in range(n)]
 
 
-def unreduced_manifest(manifest: Manifest) -> Manifest:
-    """The same model with no reduction stage: every patch token reaches the LLM, one cache group."""
-    data = copy.deepcopy(manifest.data)
-    data["schedule"]["stages"] = []
-    data["schedule"]["vision_stages"] = []
-    model = data["model"]
-    extra = model.get("num_patch_tokens", model["num_image_tokens"]) - model["num_image_tokens"]
-    model["num_image_tokens"] += extra  # the prompt grows by what vision stages removed
-    data["limits"]["max_prompt"] += extra
-    first = data["cache_groups"][0]
-    data["cache_groups"] = [{**first, "layers": [0, model["num_layers"]], "image_tokens": model["num_image_tokens"],
-                             "capacity": first["capacity"] + extra}]
-    return Manifest(manifest.directory, data)
-
-
 class TorchPrefillRunner:
     """A Polygraphy runner for the reference prefill (built lazily so polygraphy stays optional)."""
 
     def __new__(cls, backend, io: dict):
         from polygraphy.backend.base import BaseRunner
 
-        from leanvlm.export.graphs import stage_outputs
         from polygraphy.common import TensorMetadata
 
         class _Runner(BaseRunner):
@@ -96,64 +85,58 @@ class TorchPrefillRunner:
                 logits, presents, kept, targets = backend.prefill(
                     feed_dict["inputs_embeds"], feed_dict["attention_mask"], feed_dict["position_ids"],
                     feed_dict.get("image_start", np.zeros(feed_dict["inputs_embeds"].shape[0], np.int64)))
-                out = OrderedDict(logits=logits)
-                for i, (k, v) in enumerate(presents):
-                    out[f"present.{i}.key"] = k.float().cpu().numpy()
-                    out[f"present.{i}.value"] = v.float().cpu().numpy()
-                for name, value in zip(stage_outputs(backend.ref.schedule.stages), [*kept, *targets]):
-                    out[name] = value
+                out = OrderedDict({names.LOGITS: logits})
+                kv = [t.float().cpu().numpy() for pair in presents for t in pair]
+                out.update(zip(names.present_names(len(presents)), kv))
+                index_names = names.stage_output_names([st.merges for st in backend.spec.schedule.stages])
+                out.update(zip(index_names, [*kept, *targets]))
                 self.inference_time = time.perf_counter() - start  # Comparator sums these
                 return out
 
         return _Runner()
 
 
-def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4, rtol: float = 1e-3,
+def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None = None, rtol: float = 1e-3,
                seed: int = 0) -> ParityReport:
-    """Compare the engine (onnxruntime) with the torch reference; see the module docstring."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    """Compare the engine (onnxruntime) with the torch reference; see the module docstring. atol defaults to
+    the engine precision's logits tolerance."""
     from polygraphy.logger import G_LOGGER
 
-    from leanvlm.runtime.backends import TorchBackend
+    from leanvlm.runtime.backends import make_backend
     from leanvlm.runtime.pipeline import Pipeline
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     engine = Pipeline.load(engine_dir, backend="onnxruntime")
-    manifest = engine.manifest
-    reference = Pipeline(manifest, TorchBackend(manifest, device="cpu"), engine.processor)
-    images, prompts = sample_requests(samples, max(manifest["model"]["image_size"], 32), seed)
+    spec = engine.spec
+    atol = spec.precision.logits_atol if atol is None else atol
+    reference = Pipeline(spec, make_backend(spec, "torch", device="cpu"), engine.processor)
+    images, prompts = sample_requests(samples, max(spec.model.image_size, 32), seed)
 
     # 1. prefill through Polygraphy: same feeds, both runners
-    prefill_io = manifest["graphs"]["prefill"]
+    prefill_io = spec.graphs["prefill"]
     declared = {i["name"] for i in prefill_io["inputs"]}
     feeds = []
     for img, prompt in zip(images, prompts):
         b = engine.preprocess([img], [prompt])
         embeds = engine.backend.embed(b.input_ids, engine.backend.vision(b.pixel_values)[0])
-        feed = {"inputs_embeds": embeds, "attention_mask": b.attention_mask, "position_ids": b.position_ids,
-                "image_start": b.image_start}
+        feed = {names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: b.attention_mask,
+                names.POSITION_IDS: b.position_ids, names.IMAGE_START: b.image_start}
         feeds.append({k: v for k, v in feed.items() if k in declared})
-    ort_runner = OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path("prefill")), providers=["cpu"]))
-    torch_runner = TorchPrefillRunner(reference.backend, prefill_io)
-    results = Comparator.run([ort_runner, torch_runner], data_loader=feeds)
-    tolerances = {o["name"]: (0.0 if o["name"].startswith(("kept_indices", "merge_targets")) else atol)
-                  for o in prefill_io["outputs"]}
-    accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=tolerances, rtol=rtol))
-    (_, ort_iters), (_, ref_iters) = list(results.items())
+    with contextlib.redirect_stdout(sys.stderr):  # Polygraphy prints its log on stdout
+        passed, ort_iters, ref_iters = _compare_prefill(spec, reference.backend, feeds, atol, rtol)
     max_abs = max_rel = 0.0
     kept_same = kept_total = 0
     for a, b in zip(ort_iters, ref_iters):
-        diff = np.abs(a["logits"].astype(np.float64) - b["logits"])
+        diff = np.abs(a[names.LOGITS].astype(np.float64) - b[names.LOGITS])
         max_abs = max(max_abs, float(diff.max()))
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(b["logits"]), 1e-6)).max()))
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(b[names.LOGITS]), 1e-6)).max()))
         for name in a.keys():
-            if name.startswith(("kept_indices", "merge_targets")):
+            if names.is_index_output(name):
                 kept_total += 1
                 kept_same += int(np.array_equal(a[name], b[name]))
 
     # 2. greedy decoding, engine vs reference, over `steps`
-    kw = dict(max_new_tokens=min(steps, manifest.limits["max_new_tokens"]), ignore_eos=True)
+    kw = dict(max_new_tokens=min(steps, spec.limits.max_new_tokens), ignore_eos=True)
     eng = engine.generate(images=images, prompts=prompts, **kw)
     ref = reference.generate(images=images, prompts=prompts, **kw)
     same = sum(x == y for e, r in zip(eng, ref) for x, y in zip(e.token_ids, r.token_ids))
@@ -161,9 +144,10 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
 
     # 3. reduced vs unreduced reference (same weights): what the schedule costs
     reduction = {}
-    if manifest["schedule"]["stages"]:
-        full_manifest = unreduced_manifest(manifest)
-        full = Pipeline(full_manifest, TorchBackend(full_manifest, hf_model=reference.backend.ref.hf), engine.processor)
+    if spec.schedule.stages or spec.schedule.vision_stages:
+        full_spec = spec.unreduced()
+        full = Pipeline(full_spec, make_backend(full_spec, "torch", hf_model=reference.backend.ref.hf),
+                        engine.processor)
         unr = full.generate(images=images, prompts=prompts, **kw)
         agree = sum(x == y for u, r in zip(unr, ref) for x, y in zip(u.token_ids, r.token_ids))
         kls = []
@@ -174,8 +158,34 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float = 1e-4
         reduction = {"greedy_agreement": agree / max(total, 1), "logit_kl_mean": float(np.mean(kls)),
                      "logit_kl_max": float(np.max(kls))}
     return ParityReport(samples, kw["max_new_tokens"], max_abs, max_rel,
-                        kept_same / kept_total if kept_total else 1.0, same / max(total, 1), bool(accuracy),
-                        reduction, atol)
+                        kept_same / kept_total if kept_total else 1.0, same / max(total, 1), passed,
+                        reduction, atol, spec.precision.name, spec.precision.greedy_agreement)
+
+
+def _compare_prefill(spec, torch_backend, feeds: list[dict], atol: float, rtol: float):
+    """Polygraphy Comparator over the prefill graph: float outputs within atol/rtol, index outputs exactly
+    as indices. Returns (passed, engine iterations, reference iterations)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, IndicesCompareFunc, IterationResult, RunResults, SimpleCompareFunc
+
+    ort_runner = OnnxrtRunner(SessionFromOnnx(str(spec.graph_path("prefill")), providers=["cpu"]))
+    results = Comparator.run([ort_runner, TorchPrefillRunner(torch_backend, spec.graphs["prefill"])],
+                             data_loader=feeds)
+
+    def only(indices: bool) -> RunResults:
+        subset = RunResults()
+        for runner, iterations in results.items():
+            subset.append((runner, [IterationResult({k: v for k, v in it.items()
+                                                     if names.is_index_output(k) == indices},
+                                                    it.runtime, runner) for it in iterations]))
+        return subset
+
+    floats = Comparator.compare_accuracy(only(False), compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
+    passed = bool(floats)
+    if any(names.is_index_output(o["name"]) for o in spec.graphs["prefill"]["outputs"]):
+        passed &= bool(Comparator.compare_accuracy(only(True), compare_func=IndicesCompareFunc(index_tolerance=0)))
+    (_, ort_iters), (_, ref_iters) = list(results.items())
+    return passed, ort_iters, ref_iters
 
 
 def _first_logits(pipe, image, prompt) -> np.ndarray:

@@ -15,14 +15,14 @@ from typing import Iterator
 import numpy as np
 
 from leanvlm.errors import UserError
-from leanvlm.export.manifest import Manifest, load_manifest
-from leanvlm.reduction.schedule import Schedule
-from leanvlm.runtime.backends import make_backend
-from leanvlm.runtime.kv_cache import CacheGroup, KVCache
+from leanvlm.runtime.backends import Backend, make_backend
+from leanvlm.runtime.kv_cache import KVCache
 from leanvlm.runtime.preprocess import Batch, Preprocessor
+from leanvlm.runtime.processor import VLMProcessor
 from leanvlm.runtime.sampling import SamplingParams, make_rngs, select_tokens
-
-DEFAULT_MAX_NEW_TOKENS = 64  # capped by the engine's own limit
+from leanvlm.spec import defaults
+from leanvlm.spec.engine import EngineSpec, Limits
+from leanvlm.spec.manifest import load_engine_spec
 
 
 @dataclass
@@ -82,34 +82,46 @@ class _Request:
 
 
 class Pipeline:
-    """Drives an engine directory. Build with `Pipeline.load(out_dir, backend=...)`."""
+    """Drives an engine. Build with `Pipeline.load(engine_dir, backend=...)`, or `Pipeline.from_model(...)` for
+    the PyTorch reference of a schedule without exporting."""
 
-    def __init__(self, manifest: Manifest, backend, processor, max_pixels: int | None = None):
-        self.manifest = manifest
+    def __init__(self, spec: EngineSpec, backend: Backend, processor: VLMProcessor, max_pixels: int | None = None):
+        self.spec = spec
         self.backend = backend
         self.processor = processor
         self.tokenizer = processor.tokenizer
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-        self.preprocess = Preprocessor(processor, manifest, **kwargs)
-        m = manifest["model"]
-        eos = m.get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.schedule = Schedule.from_dict(manifest["schedule"])
-        self.groups = [CacheGroup(range(*g["layers"]), g["image_tokens"], g["capacity"])
-                       for g in manifest["cache_groups"]]
+        self.preprocess = Preprocessor(processor, spec, **kwargs)
+        self.eos = set(spec.model.eos_token_ids)
+        self.schedule = spec.schedule
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "onnxruntime", **options) -> "Pipeline":
+    def load(cls, engine_dir: str | Path, backend: str = defaults.BACKEND, **options) -> "Pipeline":
         """Validate the engine directory (manifest, checksums) and open it with `backend`.
 
-        Options: providers, threads (onnxruntime); device, dtype, model_path (torch); max_pixels.
+        Options: those of the backend (see `leanvlm.runtime.backends`: providers, threads for onnxruntime;
+        device, dtype, model_path for torch) and max_pixels.
         """
-        from transformers import AutoProcessor
-
-        manifest = load_manifest(engine_dir)
-        processor = AutoProcessor.from_pretrained(str(manifest.directory))
+        spec = load_engine_spec(engine_dir)
+        processor = VLMProcessor.load(spec.directory)
         max_pixels = options.pop("max_pixels", None)
-        return cls(manifest, make_backend(manifest, backend, **options), processor, max_pixels)
+        return cls(spec, make_backend(spec, backend, **options), processor, max_pixels)
+
+    @classmethod
+    def from_model(cls, hf_model, processor, schedule, limits: Limits | None = None, device: str | None = None,
+                   dtype: str | None = None, max_pixels: int | None = None) -> "Pipeline":
+        """The PyTorch reference of `schedule` on an in-memory LlavaForConditionalGeneration and its processor
+        (transformers' or a VLMProcessor), without exporting: what the schedule search scores candidates on."""
+        if not isinstance(processor, VLMProcessor):
+            processor = VLMProcessor.from_hf(processor)
+        spec = EngineSpec.build(hf_model.config, schedule, limits, source={"model": "in-memory"})
+        backend = make_backend(spec, "torch", hf_model=hf_model, device=device, dtype=dtype)
+        return cls(spec, backend, processor, max_pixels)
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as read (empty for an in-memory Pipeline)."""
+        return self.spec.raw
 
     # ---- public API ------------------------------------------------------------------------
     def generate(self, image=None, prompt: str | None = None, *, images: list | None = None,
@@ -148,9 +160,9 @@ class Pipeline:
             raise UserError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(known)}")
         stop = sampling.get("stop") or ()
         sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-        limit = self.manifest.limits["max_new_tokens"]
+        limit = self.spec.limits.max_new_tokens
         if sampling.get("max_new_tokens") is None:
-            sampling["max_new_tokens"] = min(DEFAULT_MAX_NEW_TOKENS, limit)
+            sampling["max_new_tokens"] = min(defaults.GENERATE_MAX_NEW_TOKENS, limit)
         return SamplingParams(**sampling).validate(limit)
 
     def _run(self, images: list, prompts: list[str], params: SamplingParams, live: bool = False):
@@ -158,7 +170,7 @@ class Pipeline:
         t0 = time.perf_counter()
         batch = self.preprocess(images, prompts)
         be = self.backend
-        sync = getattr(be, "synchronize", lambda: None)
+        sync = be.synchronize
         sync()
         t_vision = time.perf_counter()
         feats, v_kept, v_targets = be.vision(batch.pixel_values)
@@ -172,10 +184,7 @@ class Pipeline:
         sync()
         t_prefilled = time.perf_counter()
         kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
-        m = self.manifest["model"]
-        cache = KVCache(self.groups, batch.size, m["num_kv_heads"], m["head_dim"], batch.input_ids.shape[1],
-                        m["num_image_tokens"], params.max_new_tokens, be.alloc,
-                        unreduced_image_tokens=m.get("num_patch_tokens"))
+        cache = KVCache(self.spec, batch.size, batch.input_ids.shape[1], params.max_new_tokens, be.alloc)
         cache.fill(presents, batch.attention_mask)
         del presents
         rngs = make_rngs(params, batch.size)

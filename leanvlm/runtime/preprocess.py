@@ -1,4 +1,4 @@
-"""Requests -> engine inputs: images through the processor, prompts through the chat template and tokenizer."""
+"""Requests -> engine inputs: images and prompts through the engine's processor, checked against its limits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 from leanvlm.errors import UserError
 from leanvlm.models import layout
 from leanvlm.runtime.images import DEFAULT_MAX_PIXELS, load_image
-
-IMAGE_TOKEN = "<image>"
+from leanvlm.runtime.processor import IMAGE_TOKEN, VLMProcessor
+from leanvlm.spec.engine import EngineSpec
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Batch:
 
     input_ids: np.ndarray  # [B, L] int64
     attention_mask: np.ndarray  # [B, L] int64
-    pixel_values: np.ndarray  # [B, 3, H, W] float32
+    pixel_values: np.ndarray  # [B, 3, H, W], the engine's float dtype
     position_ids: np.ndarray  # [B, L] int64
     image_start: np.ndarray  # [B] int64
     prompt_token_ids: list[list[int]]  # unpadded, image tokens expanded
@@ -30,18 +30,20 @@ class Batch:
 
 
 def chat_prompt(processor, prompt: str) -> str:
-    """`prompt` with one image in the checkpoint's chat template, ready for generation."""
+    """`prompt` with one image in the checkpoint's chat template, ready for generation (a transformers
+    processor or a VLMProcessor)."""
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True)
 
 
 class Preprocessor:
-    """Wraps the engine's processor; validates against the manifest's limits."""
+    """Wraps the engine's processor; validates against the spec's limits."""
 
-    def __init__(self, processor, manifest, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, processor: VLMProcessor, spec: EngineSpec, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.processor = processor
-        self.model = manifest["model"]
-        self.limits = manifest.limits
+        self.model = spec.model
+        self.limits = spec.limits
+        self.dtype = np.dtype(spec.precision.io_dtype)
         self.max_pixels = max_pixels
 
     def template(self, prompt: str) -> str:
@@ -59,37 +61,23 @@ class Preprocessor:
             raise UserError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
         if not prompts:
             raise UserError("no requests: give at least one image and prompt")
-        if len(prompts) > self.limits["max_batch"]:
-            raise UserError(f"batch of {len(prompts)} exceeds this engine's limit of {self.limits['max_batch']} "
+        if len(prompts) > self.limits.max_batch:
+            raise UserError(f"batch of {len(prompts)} exceeds this engine's limit of {self.limits.max_batch} "
                             "(re-export with a larger --max-batch, or split the batch)")
-        texts = [self.template(p) for p in prompts]
+        n_img = self.model.num_image_tokens
+        rows = [self.processor.token_ids(self.template(p), n_img) for p in prompts]
+        for b, row in enumerate(rows):
+            if len(row) > self.limits.max_prompt:
+                raise UserError(f"prompt {b}: {len(row)} tokens (with {n_img} image tokens) exceeds this engine's "
+                                f"limit of {self.limits.max_prompt}; shorten it or re-export with a larger "
+                                "--max-prompt")
         pil = [load_image(img, self.max_pixels) for img in images]
-        enc = self.processor(images=pil, text=texts, return_tensors="np", padding=True)
-        ids, mask = _collapse_image_tokens(enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
-                                           self.model["image_token_id"],
-                                           self.model.get("num_patch_tokens", self.model["num_image_tokens"]),
-                                           self.model["num_image_tokens"])
-        lengths = mask.sum(1)
-        if int(lengths.max()) > self.limits["max_prompt"]:
-            worst = int(lengths.argmax())
-            raise UserError(f"prompt {worst}: {int(lengths[worst])} tokens (with {self.model['num_image_tokens']} image "
-                            f"tokens) exceeds this engine's limit of {self.limits['max_prompt']}; shorten it or "
-                            "re-export with a larger --max-prompt")
-        start = layout.image_starts(ids, self.model["image_token_id"], self.model["num_image_tokens"])
-        positions = layout.prompt_positions(mask)
-        prompt_ids = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
-        return Batch(ids, mask, enc["pixel_values"].astype(np.float32), positions, start, prompt_ids)
-
-
-def _collapse_image_tokens(ids: np.ndarray, mask: np.ndarray, image_token_id: int, expanded: int, wanted: int):
-    """The processor expands `<image>` to one token per patch; vision-encoder stages hand the LLM fewer image
-    features, so each row's run is cut to `wanted` tokens (every row loses the same count: padding stays left)."""
-    if expanded == wanted:
-        return ids, mask
-    is_image = ids == image_token_id
-    rank = np.cumsum(is_image, 1)
-    keep = ~(is_image & (rank > wanted))
-    if not (keep.sum(1) == ids.shape[1] - (expanded - wanted)).all():
-        raise UserError(f"each prompt needs exactly one image ({expanded} image tokens after expansion)")
-    rows = keep.sum(1)[0]
-    return ids[keep].reshape(-1, rows), mask[keep].reshape(-1, rows)
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.processor.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for b, row in enumerate(rows):  # left padding: dropped image tokens are then never pads
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+        start = layout.image_starts(ids, self.model.image_token_id, n_img)
+        return Batch(ids, mask, self.processor.pixel_values(pil).astype(self.dtype), layout.prompt_positions(mask),
+                     start, rows)

@@ -24,7 +24,7 @@ def patch_states(num_patches: int, kept: list[list[int]], merges: list[bool]) ->
     out = []
     for survivors, is_merge in zip(kept, merges):
         alive = np.zeros(num_patches, bool)
-        alive[survivors] = True
+        alive[[p for p in survivors if p >= 0]] = True  # -1: the CLS token (VisionZip keep_cls), no patch
         state = np.where((state == KEPT) & ~alive, MERGED if is_merge else DROPPED, state)
         out.append(state.copy())
     return out
@@ -33,9 +33,8 @@ def patch_states(num_patches: int, kept: list[list[int]], merges: list[bool]) ->
 def seen_image(pipe, image) -> np.ndarray:
     """The image after the processor's resize, crop and normalisation, undone for display: [H, W, 3] in [0, 1]."""
     batch = pipe.preprocess([image], ["describe"])
-    proc = pipe.processor.image_processor
-    mean = np.asarray(proc.image_mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(proc.image_std, dtype=np.float32)[:, None, None]
+    transform = pipe.processor.image_transform
+    mean, std = transform.mean[:, None, None], transform.std[:, None, None]
     return np.clip((batch.pixel_values[0] * std + mean).transpose(1, 2, 0), 0, 1)
 
 
@@ -98,5 +97,5 @@ def _stage_title(stage, kept: int) -> str:
     if getattr(stage, "kind", "") == "vit_merge":
         return f"ViT layer {stage.layer} merge: {kept} kept"
     if getattr(stage, "kind", "") == "visionzip":
-        return f"VisionZip: {kept - stage.contextual} + {stage.contextual} ctx"
+        return f"VisionZip: {kept - stage.contextual} + {stage.contextual} ctx" + (" + CLS" if stage.keep_cls else "")
     return f"LLM layer {stage.layer} {stage.action}: {kept} kept"

@@ -1,21 +1,28 @@
-"""The engine directory's manifest, `leanvlm.json`: what was exported, how to feed it, and checksums.
+"""The engine directory's manifest, `leanvlm.json`: reading, validating and writing it.
 
-The runtime trusts nothing it has not checked: `load_manifest` validates the schema version, required
-fields and the sha256 of every file, and names exactly what is wrong.
+The runtime trusts nothing it has not checked: `load_engine_spec` validates the format, the schema version,
+required fields and the sha256 of every file, names exactly what is wrong, and parses the result once into
+an `EngineSpec`.
+
+Schema policy: `schema_version` is "MAJOR.MINOR" (engines of leanvlm 0.1 wrote the integer 1). A reader
+accepts every minor version of its major: minors only add fields, and a field it does not know is ignored;
+a field added after an engine was written takes its documented default. A different major is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from leanvlm.errors import EngineError
+from leanvlm.spec.names import GRAPH_NAMES, graph_file
 
 MANIFEST_NAME = "leanvlm.json"
 FORMAT = "leanvlm-engine"
-SCHEMA_VERSION = 1
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 1  # 1.1: precision, artifacts, decode position offsets per cache group
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 REQUIRED_KEYS = ("format", "schema_version", "source", "schedule", "graphs", "limits", "cache_groups", "files",
                  "versions", "model")
 
@@ -28,28 +35,21 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Fields of a config that say how weights are stored or run, not which model it is: a checkpoint loaded in
+# float16 is the same model as in float32.
+_RUNTIME_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "_attn_implementation", "attn_implementation",
+                                  "_attn_implementation_autoset", "transformers_version", "use_cache"})
+
+
 def config_hash(config_dict: dict) -> str:
-    """sha256 of the model config as canonical JSON (sorted keys), to tie an engine to its checkpoint."""
-    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()
+    """sha256 of the model config as canonical JSON (sorted keys) without dtype and other run-time fields, to
+    tie an engine to its checkpoint whatever dtype it is loaded in."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in _RUNTIME_CONFIG_KEYS}
+        return x
 
-
-def graph_io(path: Path) -> dict:
-    """Input/output names, shapes (ints or axis names) and element types of an ONNX file."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
-        return out
-
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"file": path.name, "opset": opset, "inputs": describe(model.graph.input),
-            "outputs": describe(model.graph.output)}
+    return hashlib.sha256(json.dumps(strip(config_dict), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_checksums(directory: Path) -> dict[str, str]:
@@ -66,26 +66,20 @@ def write_manifest(directory: Path, body: dict) -> Path:
     return path
 
 
-@dataclass
-class Manifest:
-    """A validated manifest and the directory it describes."""
-
-    directory: Path
-    data: dict
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    @property
-    def limits(self) -> dict:
-        return self.data["limits"]
-
-    def graph_path(self, name: str) -> Path:
-        return self.directory / self.data["graphs"][name]["file"]
+def schema_major(version) -> int | None:
+    """The major number of a schema version (1, "1", "1.1"), or None when it is not one."""
+    if isinstance(version, bool):
+        return None
+    if isinstance(version, int):
+        return version
+    if isinstance(version, str):
+        head = version.split(".")[0]
+        return int(head) if head.isdigit() else None
+    return None
 
 
-def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
-    """Read and validate an engine directory's manifest; with verify_files, check every sha256."""
+def read_manifest(directory: str | Path, verify_files: bool = True) -> dict:
+    """Read and validate an engine directory's manifest JSON; with verify_files, check every sha256."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
@@ -100,15 +94,23 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
         raise EngineError(f"{path}: format is {data.get('format') if isinstance(data, dict) else None!r}, "
                           f"expected {FORMAT!r}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if schema_major(version) != SCHEMA_MAJOR:
         raise EngineError(f"{path}: schema version {version!r} is not supported by this leanvlm "
-                          f"(it reads version {SCHEMA_VERSION}); re-export the engine with this version")
+                          f"(it reads {SCHEMA_MAJOR}.x); re-export the engine with this version")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise EngineError(f"{path}: missing field(s) {', '.join(missing)}")
     if verify_files:
         verify_checksums(directory, data["files"])
-    return Manifest(directory, data)
+    return data
+
+
+def load_engine_spec(directory: str | Path, verify_files: bool = True):
+    """The validated, parsed `EngineSpec` of an engine directory."""
+    from leanvlm.spec.engine import EngineSpec
+
+    directory = Path(directory)
+    return EngineSpec.from_manifest(read_manifest(directory, verify_files), directory)
 
 
 def verify_checksums(directory: Path, files: dict[str, str]) -> None:
@@ -123,7 +125,7 @@ def verify_checksums(directory: Path, files: dict[str, str]) -> None:
             problems.append(f"{rel}: missing")
         elif sha256_file(p) != digest:
             problems.append(f"{rel}: sha256 mismatch (file changed since export)")
-    for graph in ("vision.onnx", "embed.onnx", "prefill.onnx", "decode.onnx"):
+    for graph in map(graph_file, GRAPH_NAMES):
         if graph not in files:
             problems.append(f"{graph}: not listed in the manifest")
     if problems:
