@@ -29,15 +29,19 @@ from leanvlm.runtime.preprocess import chat_prompt  # noqa: E402
 from run_benchmarks import fresh_workdir, machine  # noqa: E402
 
 METHODS = ("fastv", "pdrop", "illava", "visionzip")
+# Variants that are schedule files rather than presets: VisionZip without CLS among its tokens (leanvlm 0.1's
+# behaviour; the preset follows the reference code, which sends CLS to the LLM).
+VARIANTS = {"visionzip-patches": "stages:\n  - {{where: projector, keep: {keep}, keep_cls: false}}\n"}
 KEEPS = (0.75, 0.5, 0.33, 0.25, 0.125)
 MODEL = "shapes-llava"
 BATCH = 32
 
 
-def run_engine(work: Path, name: str, method: str, keep: float, items) -> tuple[object, dict]:
+def run_engine(work: Path, name: str, method: str, keep: float, items, schedule: Path | None = None):
     out = work / name
     t0 = time.perf_counter()
-    export_engine(ExportOptions(model=MODEL, keep=keep, method=method, out=out, max_batch=BATCH, force=True))
+    preset = {} if schedule else {"keep": keep, "method": method}
+    export_engine(ExportOptions(model=MODEL, schedule=schedule, out=out, max_batch=BATCH, force=True, **preset))
     exported = time.perf_counter() - t0
     report = evaluate(Pipeline.load(out), items, BATCH)
     print(f"{name:18s} accuracy {report.accuracy:.3f}  (export {exported:.1f} s, eval {report.seconds:.1f} s)",
@@ -56,7 +60,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for method in METHODS:
+    for method in (*METHODS, *VARIANTS):
         pts = sorted((r["prefill_flops_ratio"], r["accuracy"]) for r in rows if r["method"] == method)
         ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
     ax.axhline(100 * baseline, color="grey", linestyle="--", linewidth=1, label="unreduced")
@@ -85,10 +89,14 @@ def main() -> int:
     base_tokens = [p["tokens"] for p in base.predictions]
     text_tokens = _mean_text_tokens(items)
     rows = []
-    for method in METHODS:
+    for method in (*METHODS, *VARIANTS):
         for keep in KEEPS:
-            report, run = run_engine(args.work, f"{method}-{keep}", method, keep, items)
-            plan = make_plan(cfg, resolve_schedule(cfg, method, keep, 2, None), text_tokens)
+            schedule = None
+            if method in VARIANTS:
+                schedule = args.work / f"{method}-{keep}.yaml"
+                schedule.write_text(VARIANTS[method].format(keep=keep))
+            report, run = run_engine(args.work, f"{method}-{keep}", method, keep, items, schedule)
+            plan = make_plan(cfg, resolve_schedule(cfg, method, keep, 2, schedule), text_tokens)
             agree = sum(p["tokens"] == b for p, b in zip(report.predictions, base_tokens)) / report.n
             rows.append({"method": method, "keep": keep, "llm_image_tokens": plan.image_tokens_per_layer[-1],
                          "accuracy": report.accuracy, "greedy_agreement": agree,
