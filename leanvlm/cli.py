@@ -10,6 +10,7 @@ from leanvlm.errors import EngineError, UserError
 from leanvlm.reduction.schedule import METHODS
 from leanvlm.runtime.backends.base import backend_names
 from leanvlm.spec import defaults
+from leanvlm.models.tiny import PRESETS, SAVE_DTYPES
 from leanvlm.spec.precision import PRECISIONS
 
 
@@ -97,9 +98,10 @@ def _print_export_summary(result) -> None:
     from rich.table import Table
 
     m = result.manifest
-    table = Table(title=f"engine written to {result.out}")
+    table = Table(title=f"engine written to {result.out} ({_human(result.weights_file_bytes)} of weights in "
+                        f"{m['export']['weights_file']}, shared by the graphs)")
     table.add_column("graph")
-    table.add_column("size", justify="right")
+    table.add_column("weights it uses", justify="right")
     table.add_column("max |diff| vs PyTorch", justify="right")
     for g, size in result.graph_bytes.items():
         table.add_row(f"{g}.onnx", _human(size), f"{m['export']['check'][g]:.2e}")
@@ -140,7 +142,8 @@ def export_engine_main(argv: list[str] | None = None) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from leanvlm.models import make_tiny
 
-    path = make_tiny(args.out, seed=args.seed, preset=args.preset)
+    overrides = {"text_layers": args.layers} if args.layers is not None else {}
+    path = make_tiny(args.out, seed=args.seed, preset=args.preset, dtype=args.dtype, **overrides)
     print(f"tiny LLaVA checkpoint written to {path}")
     return 0
 
@@ -361,8 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight LLaVA checkpoint")
     t.add_argument("out", type=Path)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--preset", default="tiny", help="tiny (tests, demo) or mid (benchmarks: 576 image tokens, "
-                   "hidden 512, 8 layers, vocab 32000)")
+    t.add_argument("--preset", default="tiny", choices=PRESETS, help="tiny (tests), mid (benchmarks: 576 image "
+                   "tokens, hidden 512, 8 layers, vocab 32000), shapes (shapes-llava's size), llava-7b-shape / "
+                   "llava-13b-shape (LLaVA-1.5's real layer shapes)")
+    t.add_argument("--layers", type=int, help="decoder layers to build (default: the preset's; a few layers of a "
+                   "real-size preset check scale without the full model)")
+    t.add_argument("--dtype", choices=SAVE_DTYPES, default="float32", help="weights as stored (default float32)")
     t.set_defaults(func=_make_tiny)
     e = sub.add_parser("export", help="same as export-engine", add_help=False, parents=[_export_parser("leanvlm export")])
     e.set_defaults(func=_export)

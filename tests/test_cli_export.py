@@ -116,10 +116,23 @@ def test_failure_mid_export_leaves_nothing(monkeypatch, tmp_path, tiny_dir):
     def broken(*a, **k):
         raise EngineError("simulated parity failure")
 
-    monkeypatch.setattr("leanvlm.export.verify.check_engine", broken)
+    monkeypatch.setattr("leanvlm.export.verify.compare_cases", broken)
     with pytest.raises(EngineError):
         engine_mod.export_engine(engine_mod.ExportOptions(model=str(tiny_dir), keep=0.5, out=tmp_path / "new" / "dir" / "o"))
     assert list(tmp_path.iterdir()) == []  # neither the engine nor the parents the export created
+
+
+def test_not_enough_disk_is_refused_before_writing(monkeypatch, capsys, tmp_path, tiny_dir):
+    import shutil as shutil_mod
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil_mod.disk_usage
+    monkeypatch.setattr("leanvlm.export.engine.shutil.disk_usage",
+                        lambda p: usage(real(p).total, real(p).total - 100_000, 100_000))  # 100 kB free
+    code, errors = _raises_exit(capsys, "--model", str(tiny_dir), "--keep", "0.5", "--out", str(tmp_path / "o"))
+    assert code == 2 and "not enough disk space" in errors[0] and "GiB are free" in errors[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_console_script_exit_code(tmp_path):

@@ -65,14 +65,15 @@ def test_parity_passes_and_reports_reduction_cost(capsys, engines):
     assert 0 <= red["greedy_agreement"] <= 1 and red["logit_kl_mean"] > 0  # the schedule changes the output
 
 
-def _swap_prefill(src, donor, dst):
-    """A copy of engine `src` whose prefill.onnx is `donor`'s, with checksums rewritten to match."""
+def _swap_prefill(src, donor, dst, files=("prefill.onnx",)):
+    """A copy of engine `src` with `files` taken from `donor`, checksums rewritten to match."""
     import shutil
 
     from leanvlm.spec.manifest import write_manifest
 
     shutil.copytree(src, dst)
-    shutil.copy(donor / "prefill.onnx", dst / "prefill.onnx")
+    for name in files:
+        shutil.copy(donor / name, dst / name)
     data = json.loads((dst / "leanvlm.json").read_text())
     for key in ("format", "schema_version", "files"):
         data.pop(key)
@@ -81,13 +82,14 @@ def _swap_prefill(src, donor, dst):
 
 
 def test_parity_fails_on_a_same_shape_wrong_engine(capsys, engines, tmp_path):
-    """Same shapes, other weights (a checkpoint of another seed): parity exits 1, stdout is JSON only."""
+    """Same shapes, other weights (the weights file of a checkpoint of another seed, which every graph maps):
+    parity exits 1, stdout is JSON only."""
     from leanvlm.export import ExportOptions, export_engine
     from leanvlm.models import make_tiny
 
     other = make_tiny(tmp_path / "seed1", seed=1)
     donor = export_engine(ExportOptions(model=str(other), keep=0.33, out=tmp_path / "donor")).out
-    bad = _swap_prefill(engines(0.33).out, donor, tmp_path / "bad")
+    bad = _swap_prefill(engines(0.33).out, donor, tmp_path / "bad", ("prefill.onnx", "weights.onnx.data"))
     code = main(["parity", str(bad), "--samples", "2", "--steps", "4", "--json"])
     captured = capsys.readouterr()
     report = json.loads(captured.out)  # nothing but the report on stdout (Polygraphy's log is on stderr)

@@ -6,6 +6,7 @@ every graph has passed onnx.checker, the TensorRT lint and an ONNX Runtime run a
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -19,8 +20,9 @@ from typing import Callable
 from leanvlm.errors import UserError
 from leanvlm.spec import defaults
 from leanvlm.spec.manifest import MANIFEST_NAME, config_hash, write_manifest
+from leanvlm.spec.names import GRAPH_NAMES
 
-EXTERNAL_DATA_BYTES = 1_800_000_000  # below ONNX's 2 GB protobuf limit, with headroom for the graph itself
+DISK_MARGIN = 64 << 20  # graphs, tokenizer and manifest beside the weights
 
 
 @dataclass
@@ -47,11 +49,12 @@ class ExportOptions:
 class ExportResult:
     out: Path
     manifest: dict
-    graph_bytes: dict[str, int]
+    graph_bytes: dict[str, int]  # bytes of weights each graph references (shared ones counted in each)
     seconds: float
     flops_ratio: float
     checks: list = field(default_factory=list)
     lint: list = field(default_factory=list)
+    weights_file_bytes: int = 0  # the shared weights file: every distinct tensor once
 
 
 def validate_options(opts: ExportOptions) -> Path:
@@ -105,8 +108,10 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
 
     from leanvlm.engines.trt_lint import lint_onnx
     from leanvlm.export.graphs import build_specs
+    from leanvlm.engines.onnxruntime import create_session
     from leanvlm.export.onnx_export import export_graph, graph_io
-    from leanvlm.export.verify import check_engine, load_sessions
+    from leanvlm.export.verify import compare_cases, reference_cases
+    from leanvlm.export.weights import WeightStore
     from leanvlm.models import load_model, resolve_model
     from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.reference import ReducedLlava
@@ -136,31 +141,40 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        external = param_bytes > EXTERNAL_DATA_BYTES
-        specs = build_specs(ref)
-        for spec in specs:
-            step(f"exporting {spec.name}.onnx")
-            export_graph(spec, tmp / f"{spec.name}.onnx", opts.opset, opts.exporter, external_data=external)
+        check_disk(tmp, sum(p.numel() * p.element_size() for p in model.parameters()))
+        spec = EngineSpec.build(cfg, schedule, Limits(opts.max_batch, max_prompt, opts.max_new_tokens),
+                                opts.precision, {"model": loaded.source, "path": str(loaded.path),
+                                                 "config_sha256": config_hash(model.config.to_dict())})
+        store = WeightStore(tmp)
+        weight_bytes = {}
+        try:
+            for g in build_specs(ref):
+                step(f"exporting {g.name}.onnx")
+                weight_bytes[g.name] = export_graph(g, tmp / f"{g.name}.onnx", store, opts.opset, opts.exporter)
+        finally:
+            store.close()
+        step("computing the PyTorch reference outputs")
+        cases = reference_cases(ref, list(opts.check_batch[: opts.max_batch]))
+        loaded.model = None  # the sessions below map the written weights: one copy in memory at a time
+        del ref, model
+        gc.collect()
         step("checking graphs (onnx.checker, TensorRT lint)")
         import onnx
 
         lint = []
-        for spec in specs:
-            onnx.checker.check_model(str(tmp / f"{spec.name}.onnx"), full_check=True)
-            lint += [str(i) for i in lint_onnx(tmp / f"{spec.name}.onnx")]
+        for g in GRAPH_NAMES:
+            onnx.checker.check_model(str(tmp / f"{g}.onnx"), full_check=True)
+            lint += [str(i) for i in lint_onnx(tmp / f"{g}.onnx")]
         step("running graphs in ONNX Runtime against the PyTorch reference")
-        lens = list(opts.check_batch[: opts.max_batch])
-        spec = EngineSpec.build(cfg, schedule, Limits(opts.max_batch, max_prompt, opts.max_new_tokens),
-                                opts.precision, {"model": loaded.source, "path": str(loaded.path),
-                                                 "config_sha256": config_hash(loaded.model.config.to_dict())})
-        checks = check_engine(ref, load_sessions(tmp, ["CPUExecutionProvider"]), lens, precision=spec.precision)
+        checks = compare_cases(cases, lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"]),
+                               spec.precision)
+        del cases
         step("saving tokenizer and processor")
         loaded.processor.save_pretrained(tmp)
-        graphs = {g.name: graph_io(tmp / f"{g.name}.onnx") for g in specs}
+        graphs = {g: graph_io(tmp / f"{g}.onnx") for g in GRAPH_NAMES}
         flops = prefill_flops_ratio(schedule, defaults.FLOPS_TEXT_TOKENS, text.hidden_size, text.intermediate_size,
                                     text.num_key_value_heads / text.num_attention_heads)
-        body = _manifest_body(opts, spec, graphs, flops, lint, checks, external)
+        body = _manifest_body(opts, spec, graphs, flops, lint, checks, store, weight_bytes)
         write_manifest(tmp, body)
         tmp.chmod(0o755)
         _move_into_place(tmp, out)
@@ -172,9 +186,9 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
             except OSError:
                 break
         raise
-    sizes = {g: sum(p.stat().st_size for p in out.glob(f"{g}.onnx*")) for g in graphs}
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    return ExportResult(out, manifest, sizes, time.perf_counter() - t0, flops, checks, lint)
+    return ExportResult(out, manifest, weight_bytes, time.perf_counter() - t0, flops, checks, lint,
+                        weights_file_bytes=(out / store.name).stat().st_size)
 
 
 def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None):
@@ -188,7 +202,17 @@ def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_
     return Schedule.preset(method, layers, n, keep, layer, vit)
 
 
-def _manifest_body(opts, spec, graphs, flops, lint, checks, external) -> dict:
+def check_disk(directory: Path, weight_bytes: int) -> None:
+    """Refuse to start an export the disk cannot hold: the weights are written once, plus a margin."""
+    free = shutil.disk_usage(directory).free
+    need = weight_bytes + DISK_MARGIN
+    if free < need:
+        raise UserError(f"not enough disk space at {directory.parent}: the engine needs about "
+                        f"{need / 2**30:.1f} GiB ({weight_bytes / 2**30:.1f} GiB of weights), "
+                        f"{free / 2**30:.1f} GiB are free; free space or choose another --out")
+
+
+def _manifest_body(opts, spec, graphs, flops, lint, checks, store, weight_bytes) -> dict:
     import onnx
     import onnxruntime
     import torch
@@ -202,7 +226,8 @@ def _manifest_body(opts, spec, graphs, flops, lint, checks, external) -> dict:
                      "flops_text_tokens": defaults.FLOPS_TEXT_TOKENS},
         "graphs": graphs,
         "artifacts": {"onnxruntime": {"graphs": {g: io["file"] for g, io in graphs.items()}}},
-        "export": {"exporter": opts.exporter, "opset": opts.opset, "external_data": external,
+        "export": {"exporter": opts.exporter, "opset": opts.opset, "weights_file": store.name,
+                   "weights_file_bytes": store.bytes_written, "graph_weight_bytes": weight_bytes,
                    "trt_lint": lint, "check": {c.graph: c.worst for c in checks}},
         "versions": {"leanvlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

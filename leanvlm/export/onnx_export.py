@@ -22,32 +22,76 @@ SUPPORTED_OPSETS = range(14, 23)
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # dynamo's record of the module scopes a node came from
 
 
-def export_graph(spec: GraphSpec, path: Path, opset: int = defaults.OPSET, exporter: str = defaults.EXPORTER,
-                 external_data: bool = False) -> None:
-    """Export `spec` to `path` (ONNX) with stable names on the reduction path. With external_data, weights go
-    to `<path>.data` beside it."""
+def export_graph(spec: GraphSpec, path: Path, store, opset: int = defaults.OPSET,
+                 exporter: str = defaults.EXPORTER) -> int:
+    """Export `spec` to `path` (ONNX) with its weights in `store` (the engine's shared external-data file) and
+    stable names on the reduction path. Returns the bytes of weights the graph references."""
+    import onnx
+
+    from leanvlm.export.weights import bind_parameters, gather_initializers
+
     spec.module.eval()
     kwargs = dict(opset_version=opset, input_names=spec.input_names, output_names=spec.output_names)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python ints we intend to be constants
         if exporter == "torchscript":
-            torch.onnx.export(spec.module, spec.example, str(path), dynamo=False,
-                              dynamic_axes=spec.dynamic_axes, do_constant_folding=True, **kwargs)
+            # Parameters enter as graph inputs named like the parameters: the exporter never sees their values
+            # (its shape inference would copy each weight into a protobuf, and constant folding would rename
+            # them), and bind_parameters streams them into the shared file by name.
+            wrapper = _WeightsAsInputs(spec.module)
+            kwargs["input_names"] = [*spec.input_names, *wrapper.names]
+            torch.onnx.export(wrapper, (*spec.example, *wrapper.weights), str(path), dynamo=False,
+                              export_params=False, dynamic_axes=spec.dynamic_axes, do_constant_folding=True,
+                              **kwargs)
         elif exporter == "dynamo":
             program = torch.onnx.export(spec.module, spec.example, dynamo=True, optimize=True,
                                         dynamic_shapes=_dynamic_shapes(spec), **kwargs)
-            program.save(str(path), external_data=external_data)
+            program.save(str(path), external_data=True)
         else:
             raise ValueError(f"exporter {exporter!r}: choose one of {EXPORTERS}")
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay where they are
+    model = onnx.load(str(path), load_external_data=False)
     if exporter == "torchscript":
         _pin_static_dims(spec, model)
+        params = {**dict(spec.module.named_parameters()), **dict(spec.module.named_buffers())}
+        used = bind_parameters(model, params, store)
+    else:
+        own = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+        used = gather_initializers(model, path.parent, store)
+        for name in own:
+            (path.parent / name).unlink(missing_ok=True)
     stable_node_names(model)
     onnx.save_model(model, str(path))
-    if external_data and exporter == "torchscript":
-        _move_weights_out(path)
+    return used
+
+
+class _WeightsAsInputs(torch.nn.Module):
+    """`module` with every parameter taken from extra forward inputs (after its own), so a trace records the
+    weights as named graph inputs instead of constants. A parameter registered under several names (tied
+    weights) is one input."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+        self.names, self.weights, self._slots = [], [], []
+        index: dict[int, int] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if id(param) not in index:
+                index[id(param)] = len(self.names)
+                self.names.append(name)
+                self.weights.append(param)
+            path, _, attr = name.rpartition(".")
+            self._slots.append((module.get_submodule(path), attr, index[id(param)]))
+
+    def forward(self, *args):
+        n = len(args) - len(self.weights)
+        saved = [(mod, attr, mod._parameters[attr]) for mod, attr, _ in self._slots]
+        for mod, attr, i in self._slots:  # bypasses nn.Module.__setattr__: a traced tensor is no Parameter
+            mod._parameters[attr] = args[n + i]
+        try:
+            return self.inner(*args[:n])
+        finally:
+            for mod, attr, param in saved:
+                mod._parameters[attr] = param
 
 
 def stable_node_names(model) -> int:
@@ -131,14 +175,3 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
         n_fixed = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
         return (*shapes[:n_fixed], tuple(shapes[n_fixed:]))
     return tuple(shapes)
-
-
-def _move_weights_out(path: Path) -> None:
-    """Rewrite `path` with its initializers in one external data file (needed past ONNX's 2 GB limit)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    data = path.name + ".data"
-    (path.parent / data).unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)

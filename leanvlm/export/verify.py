@@ -80,40 +80,56 @@ def group_masks(attention_mask: torch.Tensor, group_lengths: list[int], extra: i
     return [torch.cat([attention_mask[:, :n], ones], 1) for n in group_lengths]
 
 
-def check_engine(ref: ReducedLlava, sessions: dict, text_lens: list[int], seed: int = 1,
-                 precision: Precision = PRECISIONS["fp32"]) -> list[GraphCheck]:
-    """Run every graph once in ONNX Runtime and compare with the reference; raise ShapeMismatchError on a
-    wrong output shape, ToleranceError past the precision's tolerances."""
+@dataclass
+class GraphCase:
+    """One graph's check: the feed and the reference outputs (numpy), computed before any session opens."""
+
+    graph: str
+    feed: dict
+    expect: dict
+
+
+def reference_cases(ref: ReducedLlava, text_lens: list[int], seed: int = 1) -> list[GraphCase]:
+    """Feeds and reference outputs for every graph on a ragged, left-padded synthetic batch: the reference
+    model is not needed afterwards (export frees it before opening sessions)."""
     x = synthetic_prompts(ref, text_lens, seed)
-    checks: list[GraphCheck] = []
+    np_ = lambda d: {k: v.detach().cpu().numpy() for k, v in d.items()}  # noqa: E731
     with torch.no_grad():
         feats, v_kept, v_targets = ref.vision(x["pixel_values"])
-        checks.append(_compare("vision", sessions["vision"], {names.PIXEL_VALUES: x["pixel_values"]},
-                               {names.IMAGE_FEATURES: feats,
-                                **_indices(ref.schedule.vision_stages, v_kept, v_targets)}))
+        cases = [GraphCase("vision", np_({names.PIXEL_VALUES: x["pixel_values"]}),
+                           np_({names.IMAGE_FEATURES: feats, **_indices(ref.schedule.vision_stages, v_kept,
+                                                                        v_targets)}))]
         embeds = ref.embed(x["input_ids"], feats)
-        checks.append(_compare("embed", sessions["embed"],
-                               {names.INPUT_IDS: x["input_ids"], names.IMAGE_FEATURES: feats},
-                               {names.INPUTS_EMBEDS: embeds}))
+        cases.append(GraphCase("embed", np_({names.INPUT_IDS: x["input_ids"], names.IMAGE_FEATURES: feats}),
+                               np_({names.INPUTS_EMBEDS: embeds})))
         logits, presents, kept, targets = ref.prefill(embeds, x["attention_mask"], x["position_ids"], x["image_start"])
-        expect = {names.LOGITS: logits, **_indices(ref.schedule.stages, kept, targets),
-                  **_kv(names.present_names(len(presents)), presents)}
-        checks.append(_compare("prefill", sessions["prefill"], {
+        cases.append(GraphCase("prefill", np_({
             names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: x["attention_mask"],
-            names.POSITION_IDS: x["position_ids"], names.IMAGE_START: x["image_start"]}, expect))
+            names.POSITION_IDS: x["position_ids"], names.IMAGE_START: x["image_start"]}),
+            np_({names.LOGITS: logits, **_indices(ref.schedule.stages, kept, targets),
+                 **_kv(names.present_names(len(presents)), presents)})))
 
         lengths = [presents[a][0].shape[2] for a, _, _ in ref.schedule.groups]
-        token = logits.argmax(-1, keepdim=True)
-        step = ref.embed(token, feats[:, :0])
+        step = ref.embed(logits.argmax(-1, keepdim=True), feats[:, :0])
         pos = x["attention_mask"].sum(1, keepdim=True)
         masks = group_masks(x["attention_mask"], lengths, extra=1)
         dec_logits, new_kv = ref.decode(step, pos, masks, presents)
-        feed = {names.INPUTS_EMBEDS: step, names.POSITION_IDS: pos,
-                **{names.decode_mask_name(g): m for g, m in enumerate(masks)},
-                **_kv(names.past_names(len(presents)), presents)}
-        expect = {names.LOGITS: dec_logits, **_kv(names.present_names(len(new_kv)), new_kv)}
-        checks.append(_compare("decode", sessions["decode"], feed, expect))
+        cases.append(GraphCase("decode", np_({names.INPUTS_EMBEDS: step, names.POSITION_IDS: pos,
+                                              **{names.decode_mask_name(g): m for g, m in enumerate(masks)},
+                                              **_kv(names.past_names(len(presents)), presents)}),
+                               np_({names.LOGITS: dec_logits, **_kv(names.present_names(len(new_kv)), new_kv)})))
+    return cases
 
+
+def compare_cases(cases: list[GraphCase], session_for, precision: Precision = PRECISIONS["fp32"]) -> list[GraphCheck]:
+    """Run each case's graph (`session_for(graph)` returns an ONNX Runtime session, opened and released one
+    graph at a time) and compare; raise ShapeMismatchError on a wrong output shape, ToleranceError past the
+    precision's tolerances."""
+    checks = []
+    for case in cases:
+        session = session_for(case.graph)
+        checks.append(_compare(case.graph, session, case.feed, case.expect))
+        del session
     bad = {c.graph: c.failures(precision) for c in checks}
     bad = {g: f for g, f in bad.items() if f}
     if bad:
@@ -121,6 +137,12 @@ def check_engine(ref: ReducedLlava, sessions: dict, text_lens: list[int], seed: 
         raise ToleranceError(f"exported graphs disagree with the PyTorch reference ({precision.name} tolerances): "
                              f"{detail}")
     return checks
+
+
+def check_engine(ref: ReducedLlava, sessions: dict, text_lens: list[int], seed: int = 1,
+                 precision: Precision = PRECISIONS["fp32"]) -> list[GraphCheck]:
+    """Run every graph once in ONNX Runtime and compare with the reference (see compare_cases)."""
+    return compare_cases(reference_cases(ref, text_lens, seed), sessions.__getitem__, precision)
 
 
 def _kv(kv_names: list[str], pairs) -> dict:
@@ -137,11 +159,10 @@ def _indices(stages, kept: list, targets: list) -> dict:
 
 def _compare(name: str, session, feed: dict, expect: dict) -> GraphCheck:
     declared = {i.name for i in session.get_inputs()}  # unused inputs (image_start at keep 1) are dropped
-    inputs = {k: v.numpy() for k, v in feed.items() if k in declared}
+    inputs = {k: v for k, v in feed.items() if k in declared}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
     check = GraphCheck(name)
-    for key, ref_val in expect.items():
-        ref_np = ref_val.numpy()
+    for key, ref_np in expect.items():
         out = got[key]
         check.shapes[key] = list(out.shape)
         if out.shape != ref_np.shape:

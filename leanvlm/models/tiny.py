@@ -62,7 +62,16 @@ PRESETS = {
     # the trained shapes-llava (tools/train_shapes.py): 96 px / patch 8 = 144 image tokens, 4x4 per grid cell
     "shapes": dict(image_size=96, patch_size=8, vision_hidden=128, vision_layers=3, vision_heads=4,
                    text_hidden=192, text_layers=4, text_heads=6, text_kv_heads=6, text_intermediate=384),
+    # LLaVA-1.5's real shapes (CLIP ViT-L/14-336 with all 24 layers, Vicuna 7B / 13B decoder layers, vocab 32064)
+    # with random weights: scale checks without downloading; --layers picks how many decoder layers to build.
+    "llava-7b-shape": dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                           text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32,
+                           text_intermediate=11008, vocab_size=32064),
+    "llava-13b-shape": dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                            text_hidden=5120, text_layers=40, text_heads=40, text_kv_heads=40,
+                            text_intermediate=13824, vocab_size=32064),
 }
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def build_tokenizer(vocab_size: int):
@@ -100,17 +109,25 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", **overrides) -> Path:
-    """Write a loadable small LLaVA checkpoint (config, safetensors, tokenizer, processor) to `out`.
+def make_tiny(out: str | Path, seed: int = 0, preset: str = "tiny", dtype: str = "float32", **overrides) -> Path:
+    """Write a loadable LLaVA checkpoint with random weights (config, safetensors, tokenizer, processor) to `out`.
 
-    `preset` picks a named size (see PRESETS); keyword overrides change single fields.
+    `preset` picks a named size (see PRESETS); keyword overrides change single fields (text_layers=2 builds a
+    two-layer decoder of a real-size preset). `dtype` is how the weights are stored (real checkpoints: float16).
     Written to a temporary sibling directory and moved into place when complete.
     """
+    import torch
+
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"make-tiny: {out} exists and is not empty; choose another directory or remove it")
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"make-tiny: --dtype {dtype}: choose one of {', '.join(SAVE_DTYPES)}")
+    layers = overrides.get("text_layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise UserError(f"make-tiny: --layers {layers}: must be a positive integer")
     model, processor = build_llava(seed, preset, random_spread=True, **overrides)
-    return save_checkpoint(model, processor, out)
+    return save_checkpoint(model.to(getattr(torch, dtype)), processor, out)
 
 
 def save_checkpoint(model, processor, out: Path) -> Path:
@@ -131,17 +148,21 @@ def save_checkpoint(model, processor, out: Path) -> Path:
     return out
 
 
-def build_llava(seed: int = 0, preset: str = "tiny", random_spread: bool = True, **overrides):
+def build_llava(seed: int = 0, preset: str = "tiny", random_spread: bool = True, device: str | None = None,
+                **overrides):
     """A LlavaForConditionalGeneration and its LlavaProcessor of a named size, in memory.
 
     random_spread: re-draw weights for distinct random behaviour (test checkpoints); False keeps
-    Hugging Face's initialisation (for training).
-
-    Written to a temporary sibling directory and moved into place when complete.
+    Hugging Face's initialisation (for training and timing). device: where the weights are made (a 7B-shaped
+    model initialises in seconds on a GPU, minutes on a CPU).
     """
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:  # transformers >= 5.20 names the PIL backend; earlier ones have one CLIPImageProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     unknown = set(overrides) - set(TINY_DEFAULTS)
     if unknown:
@@ -189,7 +210,8 @@ def build_llava(seed: int = 0, preset: str = "tiny", random_spread: bool = True,
     )
     config.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    with torch.device(device or "cpu"):
+        model = LlavaForConditionalGeneration(config).eval()
     if random_spread:
         _spread_weights(model, seed)
         _prefer_printable(model, tokenizer)
@@ -197,7 +219,7 @@ def build_llava(seed: int = 0, preset: str = "tiny", random_spread: bool = True,
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
-    image_processor = CLIPImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"shortest_edge": p["image_size"]},
         crop_size={"height": p["image_size"], "width": p["image_size"]},
     )
@@ -247,4 +269,4 @@ def _spread_weights(model, seed: int) -> None:
                 std = 1.0
             elif name.endswith(residual_out):  # keep the residual stream from blowing up layer by layer
                 std = 0.5 / fan_in**0.5
-            param.copy_(torch.randn(param.shape, generator=g) * std)
+            param.copy_(torch.randn(param.shape, generator=g) * std)  # drawn on CPU: the same on every machine

@@ -67,7 +67,6 @@ def _image(pipe):
 def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, prompt_len: int = 70,
                      new_tokens: int = 32, repeats: int = 5, warmup: int = 2, threads: int | None = None) -> dict:
     """Measure one engine in this process (use `bench_engine` for a clean subprocess)."""
-    from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.runtime import Pipeline
 
     options = {"threads": threads} if backend == "onnxruntime" and threads else {}
@@ -75,6 +74,15 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
         options["device"] = os.environ.get("LEANVLM_BENCH_DEVICE")
         options["dtype"] = os.environ.get("LEANVLM_BENCH_DTYPE")
     pipe = Pipeline.load(engine, backend=backend, **options)
+    return {"engine": str(engine), "backend": backend,
+            **bench_pipeline(pipe, batch, prompt_len, new_tokens, repeats, warmup)}
+
+
+def bench_pipeline(pipe, batch: int = 1, prompt_len: int = 70, new_tokens: int = 32, repeats: int = 5,
+                   warmup: int = 2) -> dict:
+    """Latency of full generate() calls on a Pipeline (an engine or an in-memory reference)."""
+    from leanvlm.reduction.flops import prefill_flops_ratio
+
     if batch > pipe.spec.limits.max_batch:
         raise UserError(f"--batch {batch} exceeds the engine's max batch {pipe.spec.limits.max_batch}")
     prompt, text_tokens = _prompt_with_text_tokens(pipe, prompt_len)
@@ -87,10 +95,10 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
     flops = prefill_flops_ratio(pipe.schedule, text_tokens, m.hidden_size, m.intermediate_size,
                                 m.num_kv_heads / m.num_heads)
     return {
-        "engine": str(engine), "backend": backend, "device": getattr(pipe.backend, "device", "cpu").__str__(),
+        "device": str(getattr(pipe.backend, "device", "cpu")), "dtype": str(getattr(pipe.backend, "dtype", "")),
         "batch": batch, "text_tokens": text_tokens, "image_tokens": m.num_image_tokens,
         "prompt_tokens": text_tokens + m.num_image_tokens, "new_tokens": new_tokens,
-        "schedule": pipe.manifest["schedule"], "theoretical_prefill_flops_ratio": flops,
+        "schedule": pipe.spec.schedule.to_dict(), "theoretical_prefill_flops_ratio": flops,
         "vision_s": _stats([r.timings["vision_s"] for r in runs]),
         "prefill_s": _stats([r.timings["prefill_s"] for r in runs]),
         "ttft_s": _stats([r.timings["ttft_s"] for r in runs]),
