@@ -15,13 +15,17 @@ def default_providers() -> list[str]:
 
 
 def create_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                   spin: bool | None = None):
+                   spin: bool | None = None, prepack: bool | None = None):
     """An InferenceSession with full graph optimisation; `threads` caps intra-op threads (default: all cores).
 
     Intra-op spinning is off by default: a pipeline runs four sessions one after another, and a session
     that just finished keeps its pool spinning, taking the cores from the next one. Measured on the
     2-core benchmark machine: prefill 210 -> 136 ms with FastV, 330 -> 269 ms unreduced.
     LEANVLM_ORT_SPIN=1 turns it back on.
+
+    Weight prepacking is off by default: the weights live once in the engine's shared, memory-mapped
+    weights file, and a CPU MatMul that prepacks keeps its own packed copy per session (prefill and decode
+    would hold two). LEANVLM_ORT_PREPACK=1 turns it back on (benchmarks/README.md has both).
     """
     import onnxruntime as ort
 
@@ -30,9 +34,34 @@ def create_session(path: str | Path, providers: list[str] | None = None, threads
     opts.log_severity_level = 3
     if spin is None:
         spin = os.environ.get("LEANVLM_ORT_SPIN", "0") == "1"
+    if prepack is None:
+        prepack = os.environ.get("LEANVLM_ORT_PREPACK", "0") == "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     if threads:
         opts.intra_op_num_threads = threads
     elif os.environ.get("LEANVLM_ORT_THREADS"):
         opts.intra_op_num_threads = int(os.environ["LEANVLM_ORT_THREADS"])
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers or default_providers())
+
+
+def unsupported_dtype(dtype: str, providers: list[str] | None = None) -> str | None:
+    """Why this onnxruntime build cannot run graphs whose activations are `dtype` (float16, bfloat16), or
+    None when it can: a one-MatMul graph is opened with the providers that would run the engine."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if dtype == "float32":
+        return None
+    elem = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
+    x = helper.make_tensor_value_info("x", elem, [2, 2])
+    y = helper.make_tensor_value_info("y", elem, [2, 2])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"]), ], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    providers = providers or default_providers()
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=providers)
+    except Exception as e:  # NOT_IMPLEMENTED: no kernel for that type on these providers
+        return (f"onnxruntime {ort.__version__} with {', '.join(providers)} has no {dtype} MatMul kernel "
+                f"({str(e).splitlines()[0][:120]})")
+    return None

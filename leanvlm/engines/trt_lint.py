@@ -19,7 +19,7 @@ Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv Co
 Expand Flatten Floor Gather GatherElements GatherND Gemm Greater GreaterOrEqual Identity If LayerNormalization Less
 LessOrEqual Log LogSoftmax MatMul Max Min Mul Neg Not Or Pad Pow Range ReduceMax ReduceMean ReduceMin ReduceSum
 ReduceSumSquare Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin Slice Softmax Split Sqrt Squeeze Sub Sum
-Tanh Tile TopK Transpose Unsqueeze Where Xor Gelu Reciprocal Mod IsNaN IsInf
+Tanh Tile TopK Transpose Unsqueeze Where Xor Gelu Reciprocal Mod IsNaN IsInf QuantizeLinear DequantizeLinear
 """.split())
 
 

@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,8 @@ class ExportOptions:
     force: bool = False
     exporter: str = defaults.EXPORTER
     precision: str = defaults.PRECISION  # a key of spec.precision.PRECISIONS
+    calib_data: str | None = None  # int8: "shapes" or a JSONL file of requests ({"image", "question", ...})
+    calib_n: int = defaults.CALIB_N
     check_batch: tuple[int, ...] = (5, 12, 9)  # text lengths of the ONNX Runtime check (ragged, batch 3)
 
 
@@ -79,9 +81,19 @@ def validate_options(opts: ExportOptions) -> Path:
                         "(TensorRT 10.3 parses up to 20; 23 adds fused ops it rejects)")
     if opts.exporter not in EXPORTERS:
         raise UserError(f"--exporter {opts.exporter}: choose one of {', '.join(EXPORTERS)}")
+    from leanvlm.engines.onnxruntime import unsupported_dtype
     from leanvlm.spec.precision import get_precision
 
-    get_precision(opts.precision)
+    precision = get_precision(opts.precision)
+    reason = unsupported_dtype(precision.io_dtype)
+    if reason:
+        raise UserError(f"--precision {opts.precision}: the exported graphs could not be verified here: {reason}; "
+                        "export where onnxruntime has these kernels (e.g. its CUDA build) or choose fp16")
+    if precision.quantize == "int8" and opts.calib_data is None:
+        raise UserError("--precision int8 needs --calib-data shapes|FILE.jsonl: the requests whose activation "
+                        "ranges set the 8-bit scales")
+    if precision.quantize != "int8" and opts.calib_data is not None:
+        raise UserError(f"--calib-data is used by --precision int8 only (not {opts.precision})")
     for flag, value, top in (("--max-batch", opts.max_batch, 4096), ("--max-new-tokens", opts.max_new_tokens, 1 << 20)):
         if not isinstance(value, int) or not 1 <= value <= top:
             raise UserError(f"{flag} {value}: must be an integer in [1, {top}]")
@@ -113,13 +125,21 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     from leanvlm.export.verify import compare_cases, reference_cases
     from leanvlm.export.weights import WeightStore
     from leanvlm.models import load_model, resolve_model
+    from leanvlm.runtime.processor import VLMProcessor
     from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.reference import ReducedLlava
     from leanvlm.spec.engine import EngineSpec, Limits
 
+    import torch
+
+    from leanvlm.export.quantize import calibration_items, capture_feeds, quantize_engine
+    from leanvlm.spec.precision import PRECISIONS, get_precision
+
     step = on_step or (lambda _msg: None)
     t0 = time.perf_counter()
     out = validate_options(opts)
+    precision = get_precision(opts.precision)
+    calib = calibration_items(opts.calib_data, opts.calib_n) if precision.quantize == "int8" else None
     step(f"resolving {opts.model}")
     cfg = LlavaConfig.from_pretrained(resolve_model(opts.model))
     text = cfg.text_config
@@ -132,8 +152,8 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     if max_prompt + opts.max_new_tokens > text.max_position_embeddings:
         raise UserError(f"--max-prompt {max_prompt} + --max-new-tokens {opts.max_new_tokens} exceeds the model's "
                         f"{text.max_position_embeddings} positions")
-    step(f"loading {opts.model}")
-    loaded = load_model(opts.model)
+    step(f"loading {opts.model} ({precision.torch_dtype})")
+    loaded = load_model(opts.model, dtype=getattr(torch, precision.torch_dtype))
     model = loaded.model
     ref = ReducedLlava(model, schedule).eval()
 
@@ -158,6 +178,22 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
         loaded.model = None  # the sessions below map the written weights: one copy in memory at a time
         del ref, model
         gc.collect()
+        step("running graphs in ONNX Runtime against the PyTorch reference")
+        session = lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"])  # noqa: E731
+        checks = compare_cases(cases, session, PRECISIONS["fp32"] if precision.quantize else precision)
+        if precision.quantize:
+            feeds = None
+            if calib is not None:
+                step(f"calibrating on {len(calib)} requests ({opts.calib_data})")
+                graphs = {g: graph_io(tmp / f"{g}.onnx") for g in GRAPH_NAMES}
+                feeds = capture_feeds(replace(spec, directory=tmp, graphs=graphs, precision=PRECISIONS["fp32"]),
+                                      VLMProcessor.from_hf(loaded.processor), calib, opts.max_batch)
+            step(f"quantizing to {precision.quantize}")
+            weight_bytes = quantize_engine(tmp, precision.quantize, feeds)
+            del feeds
+            step(f"running the {precision.quantize} graphs against the PyTorch reference")
+            checks = compare_cases(cases, session, precision)
+        del cases
         step("checking graphs (onnx.checker, TensorRT lint)")
         import onnx
 
@@ -165,10 +201,6 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
         for g in GRAPH_NAMES:
             onnx.checker.check_model(str(tmp / f"{g}.onnx"), full_check=True)
             lint += [str(i) for i in lint_onnx(tmp / f"{g}.onnx")]
-        step("running graphs in ONNX Runtime against the PyTorch reference")
-        checks = compare_cases(cases, lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"]),
-                               spec.precision)
-        del cases
         step("saving tokenizer and processor")
         loaded.processor.save_pretrained(tmp)
         graphs = {g: graph_io(tmp / f"{g}.onnx") for g in GRAPH_NAMES}
@@ -227,7 +259,9 @@ def _manifest_body(opts, spec, graphs, flops, lint, checks, store, weight_bytes)
         "graphs": graphs,
         "artifacts": {"onnxruntime": {"graphs": {g: io["file"] for g, io in graphs.items()}}},
         "export": {"exporter": opts.exporter, "opset": opts.opset, "weights_file": store.name,
-                   "weights_file_bytes": store.bytes_written, "graph_weight_bytes": weight_bytes,
+                   "weights_file_bytes": store.path.stat().st_size,
+                   "graph_weight_bytes": weight_bytes,
+                   "calibration": {"data": str(opts.calib_data), "n": opts.calib_n} if opts.calib_data else None,
                    "trt_lint": lint, "check": {c.graph: c.worst for c in checks}},
         "versions": {"leanvlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

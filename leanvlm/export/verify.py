@@ -23,6 +23,7 @@ class GraphCheck:
     max_abs: dict[str, float] = field(default_factory=dict)
     kept_overlap: float = 1.0  # worst fraction of one row's kept indices also kept by the reference
     shapes: dict[str, list[int]] = field(default_factory=dict)
+    reference_max: dict[str, float] = field(default_factory=dict)  # max |reference| per float output
 
     @property
     def worst(self) -> float:
@@ -34,15 +35,11 @@ class GraphCheck:
 
     def failures(self, precision: Precision) -> list[str]:
         """What exceeds the precision's tolerances, one phrase each."""
-        bad = [f"{k} max |diff| {v:.3g} > {_atol(k, precision):g}" for k, v in self.max_abs.items()
-               if v > _atol(k, precision)]
+        tol = {k: precision.tolerance(k, self.reference_max.get(k, 0.0)) for k in self.max_abs}
+        bad = [f"{k} max |diff| {v:.3g} > {tol[k]:.3g}" for k, v in self.max_abs.items() if v > tol[k]]
         if self.kept_overlap < precision.kept_overlap:
             bad.append(f"kept indices overlap {self.kept_overlap:.3f} < {precision.kept_overlap:g}")
         return bad
-
-
-def _atol(output: str, precision: Precision) -> float:
-    return precision.logits_atol if output == names.LOGITS else precision.kv_atol
 
 
 def synthetic_prompts(ref: ReducedLlava, text_lens: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -67,7 +64,7 @@ def synthetic_prompts(ref: ReducedLlava, text_lens: list[int], seed: int = 0) ->
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "pixel_values": pixels.to(next(ref.parameters()).dtype),
+        "pixel_values": pixels,  # float32: the reference runs in float32 (float32_compute for half models)
         "position_ids": prompt_positions(mask),
         "image_start": image_starts(ids, ref.image_token_id, n),
     }
@@ -82,19 +79,23 @@ def group_masks(attention_mask: torch.Tensor, group_lengths: list[int], extra: i
 
 @dataclass
 class GraphCase:
-    """One graph's check: the feed and the reference outputs (numpy), computed before any session opens."""
+    """One graph's check: the feed and the reference outputs (numpy), computed before any session opens.
+    stage_layers: the decoder layer each LLM stage acts at (prefill: which KV a flipped selection changes)."""
 
     graph: str
     feed: dict
     expect: dict
+    stage_layers: tuple[int, ...] = ()
 
 
 def reference_cases(ref: ReducedLlava, text_lens: list[int], seed: int = 1) -> list[GraphCase]:
     """Feeds and reference outputs for every graph on a ragged, left-padded synthetic batch: the reference
     model is not needed afterwards (export frees it before opening sessions)."""
+    from leanvlm.reference.model import float32_compute
+
     x = synthetic_prompts(ref, text_lens, seed)
     np_ = lambda d: {k: v.detach().cpu().numpy() for k, v in d.items()}  # noqa: E731
-    with torch.no_grad():
+    with torch.no_grad(), float32_compute(ref):
         feats, v_kept, v_targets = ref.vision(x["pixel_values"])
         cases = [GraphCase("vision", np_({names.PIXEL_VALUES: x["pixel_values"]}),
                            np_({names.IMAGE_FEATURES: feats, **_indices(ref.schedule.vision_stages, v_kept,
@@ -107,7 +108,8 @@ def reference_cases(ref: ReducedLlava, text_lens: list[int], seed: int = 1) -> l
             names.INPUTS_EMBEDS: embeds, names.ATTENTION_MASK: x["attention_mask"],
             names.POSITION_IDS: x["position_ids"], names.IMAGE_START: x["image_start"]}),
             np_({names.LOGITS: logits, **_indices(ref.schedule.stages, kept, targets),
-                 **_kv(names.present_names(len(presents)), presents)})))
+                 **_kv(names.present_names(len(presents)), presents)}),
+            tuple(st.layer for st in ref.schedule.stages)))
 
         lengths = [presents[a][0].shape[2] for a, _, _ in ref.schedule.groups]
         step = ref.embed(logits.argmax(-1, keepdim=True), feats[:, :0])
@@ -128,7 +130,7 @@ def compare_cases(cases: list[GraphCase], session_for, precision: Precision = PR
     checks = []
     for case in cases:
         session = session_for(case.graph)
-        checks.append(_compare(case.graph, session, case.feed, case.expect))
+        checks.append(_compare(case, session))
         del session
     bad = {c.graph: c.failures(precision) for c in checks}
     bad = {g: f for g, f in bad.items() if f}
@@ -157,22 +159,38 @@ def _indices(stages, kept: list, targets: list) -> dict:
     return dict(zip(stage_outputs(stages), [*kept, *targets]))
 
 
-def _compare(name: str, session, feed: dict, expect: dict) -> GraphCheck:
-    declared = {i.name for i in session.get_inputs()}  # unused inputs (image_start at keep 1) are dropped
-    inputs = {k: v for k, v in feed.items() if k in declared}
+def _compare(case: GraphCase, session) -> GraphCheck:
+    """One graph against its reference outputs. Float inputs are cast to the graph's own input types (half
+    precision graphs take half inputs). KV entries after a stage whose kept indices differ from the
+    reference's hold other tokens, so they are not compared (the overlap is what such a check reports)."""
+    name = case.graph
+    types = {i.name: i.type for i in session.get_inputs()}  # unused inputs (image_start at keep 1) are dropped
+    inputs = {k: v.astype(_NP_TYPES.get(types[k], v.dtype)) if v.dtype.kind == "f" else v
+              for k, v in case.feed.items() if k in types}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))
     check = GraphCheck(name)
-    for key, ref_np in expect.items():
-        out = got[key]
-        check.shapes[key] = list(out.shape)
-        if out.shape != ref_np.shape:
-            raise ShapeMismatchError(f"{name}.onnx output {key}: shape {list(out.shape)}, reference "
+    for key, ref_np in case.expect.items():
+        check.shapes[key] = list(got[key].shape)
+        if got[key].shape != ref_np.shape:
+            raise ShapeMismatchError(f"{name}.onnx output {key}: shape {list(got[key].shape)}, reference "
                                      f"{list(ref_np.shape)}")
+    flipped_from = None  # first decoder layer whose KV depends on a selection that differs
+    for j, layer in enumerate(case.stage_layers):
+        key = f"{names.KEPT_INDICES}.{j}"
+        if key in got and not np.array_equal(got[key], case.expect[key]):
+            flipped_from = layer
+            break
+    for key, ref_np in case.expect.items():
+        out = got[key]
         if names.is_index_output(key):
             check.kept_overlap = min(check.kept_overlap, index_overlap(out, ref_np))
-        else:
+        elif flipped_from is None or not key.startswith("present.") or int(key.split(".")[1]) < flipped_from:
             check.max_abs[key] = float(np.abs(out.astype(np.float64) - ref_np).max(initial=0.0))
+            check.reference_max[key] = float(np.abs(ref_np).max(initial=0.0))
     return check
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
 def index_overlap(got: np.ndarray, expected: np.ndarray) -> float:

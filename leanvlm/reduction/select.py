@@ -12,8 +12,9 @@ def last_query_scores(q_last: torch.Tensor, keys: torch.Tensor, mask_row: torch.
     q_last [B, H, 1, d], keys [B, H, S, d] (kv heads already repeated), mask_row [B, 1, 1, S] additive.
     Returns [B, S]. Only this row is formed, so the layer's own attention can stay fused.
     """
-    logits = torch.matmul(q_last, keys.transpose(-1, -2)) * scale + mask_row
-    probs = torch.softmax(logits.float(), dim=-1)
+    # float32 at every precision: these scores pick the tokens (fp16 rounding would flip near ties)
+    logits = torch.matmul(q_last.float(), keys.float().transpose(-1, -2)) * scale + mask_row.float()
+    probs = torch.softmax(logits, dim=-1)
     return probs.mean(dim=1)[:, 0]
 
 

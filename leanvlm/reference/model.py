@@ -8,6 +8,8 @@ wrappers trace exactly these methods: the reference and the graphs share one sou
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +88,7 @@ class ReducedLlava(nn.Module):
         the tokens that absorbed others.
         """
         vm = self.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
+        h = _layer_norm(vm.pre_layrnorm, vm.embeddings(pixel_values))
         stages = {v.layer: v for v in self.schedule.vision_stages if v.kind == "vit_merge"}
         zipper = next((v for v in self.schedule.vision_stages if v.kind == "visionzip"), None)
         last = self.vision_layers_used - 1
@@ -94,8 +96,8 @@ class ReducedLlava(nn.Module):
         kept, targets, zip_inputs = [], [], None
         for i, layer in enumerate(vm.encoder.layers[: last + 1]):
             stage = stages.get(i)
-            if stage is None and not (zipper is not None and i == last):
-                h = layer(h, None)
+            if stage is None and not (zipper is not None and i == last) and h.dtype == torch.float32:
+                h = layer(h, None)  # Hugging Face's own layer: fused attention
                 h = h[0] if isinstance(h, tuple) else h
                 continue
             h, probs, q, keys = self._vit_attention(layer, h, need_probs=stage is not None)
@@ -106,7 +108,7 @@ class ReducedLlava(nn.Module):
                     self._vit_merge, h, probs, origin, stage.num_keep, zip_inputs)
                 targets.append(target)
                 kept.append(origin)
-            h = h + layer.mlp(layer.layer_norm2(h))
+            h = h + layer.mlp(_layer_norm(layer.layer_norm2, h))
         feats = h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h
         if zipper is not None:
             feats, zip_kept, zip_target = self.reduce["visionzip"](self._visionzip, zipper, h, feats, origin,
@@ -120,6 +122,7 @@ class ReducedLlava(nn.Module):
     def _visionzip_inputs(layer, q, keys):
         """VisionZip's scores: the CLS query row of the feature layer's attention (head-summed, as VisionZip
         ranks) over the patches, and the head-mean keys of the patches."""
+        q, keys = q.float(), keys.float()  # scores feeding TopK: fp32 at every precision
         cls_row = torch.softmax(torch.matmul(q[:, :, :1], keys.transpose(-1, -2)) * layer.self_attn.scale, -1)
         return cls_row.sum(1)[:, 0, 1:], keys.mean(1)[:, 1:]
 
@@ -148,17 +151,12 @@ class ReducedLlava(nn.Module):
         """CLIP self-attention with its residual; also head-wise probabilities (when asked), queries and keys."""
         attn = layer.self_attn
         b, t, _ = h.shape
-        x = layer.layer_norm1(h)
+        x = _layer_norm(layer.layer_norm1, h)
         heads, hd = attn.num_heads, attn.head_dim
         q = attn.q_proj(x).view(b, t, heads, hd).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, heads, hd).transpose(1, 2)
         v = attn.v_proj(x).view(b, t, heads, hd).transpose(1, 2)
-        probs = None
-        if need_probs:  # merge scores need every row: this layer's attention is computed explicitly
-            probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, -1)
-            o = torch.matmul(probs, v)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        o, probs = _attend(q, k, v, attn.scale, None, need_probs)  # merge scores need every row
         h = h + attn.out_proj(o.transpose(1, 2).reshape(b, t, heads * hd))
         return h, probs, q, k
 
@@ -192,7 +190,7 @@ class ReducedLlava(nn.Module):
         """
         h = inputs_embeds
         n_image = self.schedule.llm_image_tokens
-        mask = self._prefill_mask(attention_mask, h.dtype)
+        mask = self._prefill_mask(attention_mask)
         cos, sin = self.lm.rotary_emb(h, position_ids)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
         kept_all: list[torch.Tensor] = []
@@ -208,14 +206,14 @@ class ReducedLlava(nn.Module):
                 if target is not None:
                     targets_all.append(target if original is None else torch.gather(original, 1, target))
                 original = local if original is None else torch.gather(original, 1, local)
-                mask = self._prefill_mask(attention_mask, h.dtype)
+                mask = self._prefill_mask(attention_mask)
                 cos, sin = self.lm.rotary_emb(h, position_ids)
                 n_image = stage.num_keep
                 kept_all.append(original)
             scorer = self.schedule.scores_at(i)
             h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, scorer, attention_mask)
             presents.append((k, v))
-        logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
+        logits = self.hf.lm_head(self.lm.norm(h[:, -1])).float()
         return logits, presents, kept_all, targets_all
 
     def _apply_stage(self, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin, mask,
@@ -269,7 +267,7 @@ class ReducedLlava(nn.Module):
         h = inputs_embeds
         rotary = {off: self.lm.rotary_emb(h, position_ids - off if off else position_ids)
                   for off in sorted(set(self.decode_offsets))}
-        masks = [self._decode_mask(m, h.dtype) for m in group_masks]
+        masks = [self._decode_mask(m) for m in group_masks]
         new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(self.lm.layers):
             pk, pv = past[i]
@@ -277,7 +275,7 @@ class ReducedLlava(nn.Module):
             cos, sin = rotary[self.decode_offsets[g]]
             h, k, v, _ = self._layer(layer, h, cos, sin, masks[g], pk, pv, None)
             new_kv.append((k, v))
-        logits = self.hf.lm_head(self.lm.norm(h[:, -1]))
+        logits = self.hf.lm_head(self.lm.norm(h[:, -1])).float()
         return logits, new_kv
 
     # ---- internals -------------------------------------------------------------------------
@@ -314,12 +312,10 @@ class ReducedLlava(nn.Module):
         n_rep = self.num_heads // self.num_kv_heads
         kr, vr = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
         scores = None
-        if scorer is not None and scorer.score == "mean_received":
-            probs = torch.softmax(torch.matmul(q, kr.transpose(-1, -2)) * attn.scaling + mask, dim=-1)
-            o = torch.matmul(probs, vr)
+        mean_received = scorer is not None and scorer.score == "mean_received"
+        o, probs = _attend(q, kr, vr, attn.scaling, mask, mean_received)
+        if mean_received:
             scores = self.reduce[scope_key("llm", scorer.layer)](_mean_received, probs, query_mask)
-        else:
-            o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=attn.scaling)
         if scorer is not None and scorer.score == "last_token":
             scores = self.reduce[scope_key("llm", scorer.layer)](select.last_query_scores, q[:, :, -1:], kr,
                                                                  mask[:, :, -1:], attn.scaling)
@@ -329,17 +325,75 @@ class ReducedLlava(nn.Module):
         return h, k, v, scores
 
     @staticmethod
-    def _prefill_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Causal (by sequence order) and key-padding mask, additive [B, 1, L, L]."""
+    def _prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Causal (by sequence order) and key-padding mask, additive [B, 1, L, L], float32 (the softmax is)."""
         n = attention_mask.shape[1]
         pos = torch.arange(n, device=attention_mask.device)
         allowed = (pos[None, :] <= pos[:, None])[None] & (attention_mask[:, None, :] > 0)
-        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+        return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
 
     @staticmethod
-    def _decode_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Key-padding mask for one query, additive [B, 1, 1, S]."""
-        return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(dtype).min).to(dtype)
+    def _decode_mask(mask: torch.Tensor) -> torch.Tensor:
+        """Key-padding mask for one query, additive [B, 1, 1, S], float32."""
+        return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
+
+
+@contextlib.contextmanager
+def float32_compute(model: nn.Module):
+    """Run a float16/bfloat16 model in float32 without a float32 copy of it: the parameters of a module and
+    its children are upcast when it is called and restored when it returns, so about one layer's weights
+    are copied at a time. Inputs must be float32. This is how export computes the fp32 reference of a
+    half-precision checkpoint."""
+    if all(not p.is_floating_point() or p.dtype == torch.float32 for p in model.parameters()):
+        yield
+        return
+    saved: list[list] = []
+
+    def upcast(module, _args):
+        entries = []
+        for sub in module.modules():
+            for name, p in sub._parameters.items():
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                    entries.append((sub, name, p))
+                    sub._parameters[name] = p.float()  # a tensor, not a Parameter: bypasses __setattr__
+        saved.append(entries)
+
+    def restore(_module, _args, _out):
+        for sub, name, p in saved.pop():
+            sub._parameters[name] = p
+
+    handles = []
+    for m in model.modules():
+        if next(m.parameters(), None) is not None:
+            handles += [m.register_forward_pre_hook(upcast), m.register_forward_hook(restore)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _attend(q, k, v, scale: float, mask, want_probs: bool):
+    """Attention over [B, H, T, d] heads -> (output, probabilities or None). float32 without probabilities
+    uses the fused kernel; otherwise the logits, mask and softmax are computed explicitly in float32 (at half
+    precision this is the fp32 island every engine keeps) and the probabilities are cast back for the value
+    product."""
+    if not want_probs and q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+    logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        logits = logits + mask
+    probs = torch.softmax(logits, dim=-1)
+    return torch.matmul(probs.to(v.dtype), v), probs
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """A LayerNorm computed in float32 whatever the precision (its reductions are the fragile part)."""
+    if x.dtype == torch.float32:
+        return norm(x)
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
 
 
 def _mean_received(probs: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:

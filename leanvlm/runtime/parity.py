@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from leanvlm.export.verify import index_overlap
 from leanvlm.spec import names
 
 
@@ -32,13 +33,15 @@ class ParityReport:
     greedy_agreement: float  # fraction of generated positions equal, engine vs reference
     polygraphy_passed: bool
     reduced_vs_unreduced: dict = field(default_factory=dict)  # greedy agreement, logit KL
-    atol: float = 1e-4
+    atol: float = 1e-4  # the logits tolerance applied
     precision: str = "fp32"
     greedy_required: float = 1.0  # the precision's required greedy agreement
+    kept_overlap: float = 1.0  # worst row's fraction of the reference's kept indices the engine also kept
+    kept_overlap_required: float = 1.0
 
     @property
     def passed(self) -> bool:
-        return (self.polygraphy_passed and self.kept_agreement == 1.0
+        return (self.polygraphy_passed and self.kept_overlap >= self.kept_overlap_required
                 and self.greedy_agreement >= self.greedy_required)
 
     def to_dict(self) -> dict:
@@ -98,8 +101,8 @@ class TorchPrefillRunner:
 
 def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None = None, rtol: float = 1e-3,
                seed: int = 0) -> ParityReport:
-    """Compare the engine (onnxruntime) with the torch reference; see the module docstring. atol defaults to
-    the engine precision's logits tolerance."""
+    """Compare the engine (onnxruntime) with the fp32 torch reference; see the module docstring. atol (one
+    absolute tolerance for every float output) defaults to the engine precision's tolerances."""
     from polygraphy.logger import G_LOGGER
 
     from leanvlm.runtime.backends import make_backend
@@ -108,7 +111,6 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None
     G_LOGGER.module_severity = G_LOGGER.ERROR
     engine = Pipeline.load(engine_dir, backend="onnxruntime")
     spec = engine.spec
-    atol = spec.precision.logits_atol if atol is None else atol
     reference = Pipeline(spec, make_backend(spec, "torch", device="cpu"), engine.processor)
     images, prompts = sample_requests(samples, max(spec.model.image_size, 32), seed)
 
@@ -123,9 +125,10 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None
                 names.POSITION_IDS: b.position_ids, names.IMAGE_START: b.image_start}
         feeds.append({k: v for k, v in feed.items() if k in declared})
     with contextlib.redirect_stdout(sys.stderr):  # Polygraphy prints its log on stdout
-        passed, ort_iters, ref_iters = _compare_prefill(spec, reference.backend, feeds, atol, rtol)
+        passed, ort_iters, ref_iters, logits_tol = _compare_prefill(spec, reference.backend, feeds, atol, rtol)
     max_abs = max_rel = 0.0
     kept_same = kept_total = 0
+    overlap = 1.0
     for a, b in zip(ort_iters, ref_iters):
         diff = np.abs(a[names.LOGITS].astype(np.float64) - b[names.LOGITS])
         max_abs = max(max_abs, float(diff.max()))
@@ -134,6 +137,7 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None
             if names.is_index_output(name):
                 kept_total += 1
                 kept_same += int(np.array_equal(a[name], b[name]))
+                overlap = min(overlap, index_overlap(a[name], b[name]))
 
     # 2. greedy decoding, engine vs reference, over `steps`
     kw = dict(max_new_tokens=min(steps, spec.limits.max_new_tokens), ignore_eos=True)
@@ -159,12 +163,16 @@ def run_parity(engine_dir, samples: int = 4, steps: int = 16, atol: float | None
                      "logit_kl_max": float(np.max(kls))}
     return ParityReport(samples, kw["max_new_tokens"], max_abs, max_rel,
                         kept_same / kept_total if kept_total else 1.0, same / max(total, 1), passed,
-                        reduction, atol, spec.precision.name, spec.precision.greedy_agreement)
+                        reduction, logits_tol, spec.precision.name, spec.precision.greedy_agreement, overlap,
+                        spec.precision.kept_overlap)
 
 
-def _compare_prefill(spec, torch_backend, feeds: list[dict], atol: float, rtol: float):
-    """Polygraphy Comparator over the prefill graph: float outputs within atol/rtol, index outputs exactly
-    as indices. Returns (passed, engine iterations, reference iterations)."""
+def _compare_prefill(spec, torch_backend, feeds: list[dict], atol: float | None, rtol: float):
+    """Polygraphy Comparator over the prefill graph: float outputs within the precision's tolerances (or
+    `atol`), index outputs exactly as indices at fp32. At reduced precision a near tie may select another
+    token, which changes every later KV entry: there the floats compared are the logits and the KV before the
+    first stage, and kept indices are judged by overlap (run_parity). Returns (passed, engine iterations,
+    reference iterations, logits tolerance)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, IndicesCompareFunc, IterationResult, RunResults, SimpleCompareFunc
 
@@ -172,20 +180,33 @@ def _compare_prefill(spec, torch_backend, feeds: list[dict], atol: float, rtol: 
     results = Comparator.run([ort_runner, TorchPrefillRunner(torch_backend, spec.graphs["prefill"])],
                              data_loader=feeds)
 
-    def only(indices: bool) -> RunResults:
+    def only(keys: set[str]) -> RunResults:
         subset = RunResults()
         for runner, iterations in results.items():
-            subset.append((runner, [IterationResult({k: v for k, v in it.items()
-                                                     if names.is_index_output(k) == indices},
-                                                    it.runtime, runner) for it in iterations]))
+            subset.append((runner, [IterationResult({k: v for k, v in it.items() if k in keys}, it.runtime, runner)
+                                    for it in iterations]))
         return subset
 
-    floats = Comparator.compare_accuracy(only(False), compare_func=SimpleCompareFunc(atol=atol, rtol=rtol))
-    passed = bool(floats)
-    if any(names.is_index_output(o["name"]) for o in spec.graphs["prefill"]["outputs"]):
-        passed &= bool(Comparator.compare_accuracy(only(True), compare_func=IndicesCompareFunc(index_tolerance=0)))
+    precision = spec.precision
+    exact = precision.kept_overlap == 1.0
+    first = min((st.layer for st in spec.schedule.stages), default=spec.model.num_layers)
     (_, ort_iters), (_, ref_iters) = list(results.items())
-    return passed, ort_iters, ref_iters
+
+    def compared(name: str) -> bool:
+        if names.is_index_output(name):
+            return False
+        return exact or name == names.LOGITS or int(name.split(".")[1]) < first
+
+    floats = [o["name"] for o in spec.graphs["prefill"]["outputs"] if compared(o["name"])]
+    tolerances = {k: atol if atol is not None else precision.tolerance(k, max(float(np.abs(it[k]).max())
+                                                                             for it in ref_iters))
+                  for k in floats}
+    passed = bool(Comparator.compare_accuracy(only(set(floats)),
+                                              compare_func=SimpleCompareFunc(atol=tolerances, rtol=rtol)))
+    indices = {o["name"] for o in spec.graphs["prefill"]["outputs"] if names.is_index_output(o["name"])}
+    if exact and indices:
+        passed &= bool(Comparator.compare_accuracy(only(indices), compare_func=IndicesCompareFunc(index_tolerance=0)))
+    return passed, ort_iters, ref_iters, tolerances[names.LOGITS]
 
 
 def _first_logits(pipe, image, prompt) -> np.ndarray:

@@ -11,3 +11,4 @@ PROMPT_TEXT_TOKENS = 512  # default --max-prompt: image tokens + this many text 
 GENERATE_MAX_NEW_TOKENS = 64  # a request's default, capped by the engine's limit
 FLOPS_TEXT_TOKENS = 64  # prompt text around the image for FLOPs reports (LLaVA-1.5 prompts: ~60-70)
 METHOD = "fastv"  # the reduction preset export-engine and plan use without --method
+CALIB_N = 64  # --calib-n: calibration requests for int8 activation ranges
