@@ -64,6 +64,9 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                    "({image, question} per line) whose requests calibrate the activation ranges")
     p.add_argument("--calib-n", type=int, default=defaults.CALIB_N,
                    help=f"int8: calibration requests (default {defaults.CALIB_N})")
+    p.add_argument("--int8-activations", choices=("asymmetric", "symmetric"), default="asymmetric",
+                   help="int8: asymmetric uint8 activations (default; what ONNX Runtime's x86 kernels fuse) or "
+                        "symmetric int8 (what TensorRT's INT8 path takes)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default=defaults.EXPORTER,
                    help="torch.onnx exporter (default torchscript: much faster to export, same graphs)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -81,7 +84,7 @@ def _export(args: argparse.Namespace) -> int:
                          schedule=args.schedule, out=args.out, opset=args.opset,
                          max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
                          force=args.force, exporter=args.exporter, precision=args.precision,
-                         calib_data=args.calib_data, calib_n=args.calib_n)
+                         calib_data=args.calib_data, calib_n=args.calib_n, int8_activations=args.int8_activations)
     with console.status("exporting") as status:
         def on_step(msg: str) -> None:
             console.log(msg)
@@ -271,16 +274,15 @@ def _plan(args: argparse.Namespace) -> int:
 
     from rich.console import Console
     from rich.table import Table
-    from transformers import LlavaConfig
 
     from leanvlm.export.engine import resolve_schedule
-    from leanvlm.models import resolve_model
+    from leanvlm.models.loading import load_config
     from leanvlm.reduction.plan import make_plan
     from leanvlm.models.llava_config import num_image_tokens
 
     if args.text_tokens < 1:
         raise UserError(f"--text-tokens {args.text_tokens}: must be >= 1")
-    cfg = LlavaConfig.from_pretrained(resolve_model(args.model))
+    cfg = load_config(args.model)
     n_img = num_image_tokens(cfg)
     if args.schedule and args.keep is not None:
         raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")

@@ -218,6 +218,36 @@ def test_plan_cli_json(capsys, tiny_dir):
     assert main(["plan", "--model", str(tiny_dir), "--method", "pdrop", "--keep", "0"]) == 2
 
 
+@pytest.mark.parametrize("alias, layers, hidden", [("llava-7b", 32, 4096), ("llava-13b", 40, 5120)])
+def test_plan_works_offline_for_the_aliases(capsys, alias, layers, hidden):
+    """No checkpoint in the cache (the hub is never reached in tests): the shipped config.json answers."""
+    from leanvlm.cli import main
+
+    assert main(["plan", "--model", alias, "--keep", "0.33", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["schedule"]["num_layers"] == layers and d["schedule"]["num_image_tokens"] == 576
+    assert len(d["vision_tokens_per_layer"]) == 23 and d["image_tokens_per_layer"][-1] == 190
+    per_token_kv = 2 * hidden * layers * 2  # fp16 keys and values of every layer
+    assert d["kv_bytes_unreduced"] == per_token_kv * (64 + 576)
+
+
+def test_7b_shaped_checkpoints_have_the_aliases_layer_shapes():
+    from leanvlm.models.loading import load_config
+    from leanvlm.models.tiny import build_llava
+
+    real = load_config("llava-7b")
+    model, _ = build_llava(0, "llava-7b-shape", random_spread=False, device="meta", text_layers=1)
+    made = model.config
+    keys = {"vision_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                              "image_size", "patch_size"),
+            "text_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                            "vocab_size", "max_position_embeddings")}
+    for part, names in keys.items():
+        for key in names:
+            assert getattr(getattr(made, part), key) == getattr(getattr(real, part), key), (part, key)
+    assert made.text_config.num_hidden_layers == 1 and made.vision_feature_layer == real.vision_feature_layer
+
+
 def test_mean_received_score_matches_hf_eager_attention(tmp_path, tiny_dir, processor, hf_model):
     """score mean_received (FastV's paper text): attention each image token receives in layer K-1, averaged
     over heads and over every non-pad query; checked against HF eager attentions, then exported."""

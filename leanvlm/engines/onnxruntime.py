@@ -23,9 +23,10 @@ def create_session(path: str | Path, providers: list[str] | None = None, threads
     2-core benchmark machine: prefill 210 -> 136 ms with FastV, 330 -> 269 ms unreduced.
     LEANVLM_ORT_SPIN=1 turns it back on.
 
-    Weight prepacking is off by default: the weights live once in the engine's shared, memory-mapped
-    weights file, and a CPU MatMul that prepacks keeps its own packed copy per session (prefill and decode
-    would hold two). LEANVLM_ORT_PREPACK=1 turns it back on (benchmarks/README.md has both).
+    Weight prepacking (`prepack`, default off): float engines keep their weights once, in the engine's
+    shared memory-mapped weights file, where a CPU MatMul that prepacks would keep a packed copy per session
+    (prefill and decode would hold two); quantized engines need it (their kernels run on the packed form).
+    The backend passes the engine precision's choice; LEANVLM_ORT_PREPACK=0|1 overrides both.
     """
     import onnxruntime as ort
 
@@ -34,8 +35,8 @@ def create_session(path: str | Path, providers: list[str] | None = None, threads
     opts.log_severity_level = 3
     if spin is None:
         spin = os.environ.get("LEANVLM_ORT_SPIN", "0") == "1"
-    if prepack is None:
-        prepack = os.environ.get("LEANVLM_ORT_PREPACK", "0") == "1"
+    if os.environ.get("LEANVLM_ORT_PREPACK") in ("0", "1"):
+        prepack = os.environ["LEANVLM_ORT_PREPACK"] == "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     if threads:

@@ -44,6 +44,7 @@ class ExportOptions:
     precision: str = defaults.PRECISION  # a key of spec.precision.PRECISIONS
     calib_data: str | None = None  # int8: "shapes" or a JSONL file of requests ({"image", "question", ...})
     calib_n: int = defaults.CALIB_N
+    int8_activations: str = "asymmetric"  # int8: "symmetric" for TensorRT (see export.quantize)
     check_batch: tuple[int, ...] = (5, 12, 9)  # text lengths of the ONNX Runtime check (ragged, batch 3)
 
 
@@ -94,6 +95,10 @@ def validate_options(opts: ExportOptions) -> Path:
                         "ranges set the 8-bit scales")
     if precision.quantize != "int8" and opts.calib_data is not None:
         raise UserError(f"--calib-data is used by --precision int8 only (not {opts.precision})")
+    from leanvlm.export.quantize import INT8_ACTIVATIONS
+
+    if opts.int8_activations not in INT8_ACTIVATIONS:
+        raise UserError(f"--int8-activations {opts.int8_activations}: choose one of {', '.join(INT8_ACTIVATIONS)}")
     for flag, value, top in (("--max-batch", opts.max_batch, 4096), ("--max-new-tokens", opts.max_new_tokens, 1 << 20)):
         if not isinstance(value, int) or not 1 <= value <= top:
             raise UserError(f"{flag} {value}: must be an integer in [1, {top}]")
@@ -189,7 +194,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
                 feeds = capture_feeds(replace(spec, directory=tmp, graphs=graphs, precision=PRECISIONS["fp32"]),
                                       VLMProcessor.from_hf(loaded.processor), calib, opts.max_batch)
             step(f"quantizing to {precision.quantize}")
-            weight_bytes = quantize_engine(tmp, precision.quantize, feeds)
+            weight_bytes = quantize_engine(tmp, precision.quantize, feeds, opts.int8_activations)
             del feeds
             step(f"running the {precision.quantize} graphs against the PyTorch reference")
             checks = compare_cases(cases, session, precision)
@@ -261,7 +266,8 @@ def _manifest_body(opts, spec, graphs, flops, lint, checks, store, weight_bytes)
         "export": {"exporter": opts.exporter, "opset": opts.opset, "weights_file": store.name,
                    "weights_file_bytes": store.path.stat().st_size,
                    "graph_weight_bytes": weight_bytes,
-                   "calibration": {"data": str(opts.calib_data), "n": opts.calib_n} if opts.calib_data else None,
+                   "calibration": {"data": str(opts.calib_data), "n": opts.calib_n,
+                                   "activations": opts.int8_activations} if opts.calib_data else None,
                    "trt_lint": lint, "check": {c.graph: c.worst for c in checks}},
         "versions": {"leanvlm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

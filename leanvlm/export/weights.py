@@ -126,27 +126,37 @@ def bind_parameters(model, params: dict, store: WeightStore) -> int:
 
 def gather_initializers(model, base_dir: Path, store: WeightStore) -> int:
     """Move every initializer of a graph (inline or in its own external-data files) into `store`, keyed by
-    content so graphs share equal tensors; the old external files are left for the caller to delete.
-    Returns the bytes the graph uses."""
+    content so graphs share equal tensors, and inline the tensors of Constant nodes that a tool wrote out;
+    the old external files are left for the caller to delete. Returns the bytes the graph's initializers use."""
     import hashlib
 
     from onnx import TensorProto, numpy_helper
 
+    def read(tensor) -> np.ndarray:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return np.frombuffer(numpy_helper.to_array(tensor).tobytes(), dtype=np.uint8)
+        info = {e.key: e.value for e in tensor.external_data}
+        with open(Path(base_dir) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+        return np.frombuffer(data, dtype=np.uint8)
+
     used = 0
     for i, init in enumerate(model.graph.initializer):
-        if init.data_location == TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in init.external_data}
-            with open(Path(base_dir) / info["location"], "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"])) if "length" in info else f.read()
-            array = np.frombuffer(data, dtype=np.uint8)
-        else:
-            array = np.frombuffer(numpy_helper.to_array(init).tobytes(), dtype=np.uint8)
+        array = read(init)
         key = (init.data_type, tuple(init.dims), hashlib.blake2b(array, digest_size=20).hexdigest())
         proto = store.initializer(init.name, key, array, dims=list(init.dims))
         proto.data_type = init.data_type
         model.graph.initializer[i].CopyFrom(proto)
         used += array.size
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for tensor in [attr.t] if attr.HasField("t") else list(attr.tensors):
+                if tensor.data_location == TensorProto.EXTERNAL:
+                    data = read(tensor).tobytes()
+                    del tensor.external_data[:]
+                    tensor.data_location = TensorProto.DEFAULT
+                    tensor.raw_data = data
     return used
 
 

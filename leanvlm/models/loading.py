@@ -59,6 +59,25 @@ def resolve_model(name: str) -> Path:
     return _from_hub(name, repo)
 
 
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the aliases' config.json (a few KB each)
+
+
+def load_config(name: str):
+    """The LlavaConfig of `--model` without its weights (`leanvlm plan`): the checkpoint's own when it is on
+    disk or in the Hugging Face cache; for a known alias that is neither, the config leanvlm ships for it,
+    so planning works offline. Anything else resolves (and fails) as `resolve_model` does."""
+    from transformers import LlavaConfig
+
+    repo = MODEL_ALIASES.get(name)
+    if repo is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json")
+        if not isinstance(cached, str):
+            return LlavaConfig.from_json_file(CONFIGS_DIR / f"{repo.replace('/', '--')}.json")
+    return LlavaConfig.from_pretrained(resolve_model(name))
+
+
 def _builtin(name: str) -> Path:
     from leanvlm.models.tiny import make_tiny
 

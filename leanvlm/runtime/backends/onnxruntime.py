@@ -18,7 +18,8 @@ class OrtBackend(Backend):
         from leanvlm.engines.onnxruntime import create_session
 
         super().__init__(spec)
-        self.sessions = {g: create_session(path, providers, threads) for g, path in spec.graph_files().items()}
+        self.sessions = {g: create_session(path, providers, threads, prepack=spec.precision.prepack)
+                         for g, path in spec.graph_files().items()}
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
         self.dtype = np.dtype(spec.precision.io_dtype)
