@@ -81,6 +81,9 @@ def main() -> None:
     lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
     lines += accuracy_section()
+    lines += precision_sections()
+    lines += gpu_section()
+    lines += scale_section()
     (BENCH / "README.md").write_text("\n".join(lines))
 
 
@@ -106,6 +109,97 @@ def accuracy_section() -> list[str]:
         lines.append(f"| {r['method']} | {r['keep']} | {r['llm_image_tokens']} | {r['accuracy']:.1%} | "
                      f"{r['greedy_agreement']:.1%} | {r['prefill_flops_ratio']:.3f} | {r['vision_flops_ratio']:.3f} | "
                      f"{per} |")
+    return lines + [""]
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def precision_sections() -> list[str]:
+    """Accuracy (precision-shapes.json) and CPU speed (precision-cpu.json) per precision."""
+    lines = []
+    path = BENCH / "precision-shapes.json"
+    if path.exists():
+        acc = json.loads(path.read_text())
+        lines += ["## Accuracy per precision (`precision-shapes.json`)", "",
+                  f"Made by `{acc['command']}`. Model: {acc['model']}. Data: {acc['data']}. Greedy agreement: answers "
+                  "token-identical to the fp32 engine of the same schedule. bf16 runs on the torch backend (CPU): "
+                  "ONNX Runtime's CPU build has no bf16 kernels, so bf16 export is refused there.", "",
+                  "| precision | schedule | runtime | accuracy | greedy agreement with fp32 | weights MiB | per type |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in acc["rows"]:
+            per = ", ".join(f"{k} {v:.0%}" for k, v in r["per_type"].items())
+            sched = r["schedule"] if r["schedule"] == "unreduced" else f"{r['schedule']} {r['keep']}"
+            lines.append(f"| {r['precision']} | {sched} | {r['runtime']} | {r['accuracy']:.1%} | "
+                         f"{r['greedy_agreement_with_fp32']:.1%} | {_mib(r['weights_bytes'])} | {per} |")
+        lines.append("")
+    path = BENCH / "precision-cpu.json"
+    if path.exists():
+        sp = json.loads(path.read_text())
+        st = sp["settings"]
+        lines += ["## Speed per precision, CPU (`precision-cpu.json`)", "",
+                  f"Made by `{sp['command']}`. Model: {sp['model']}. {st['backend']}, {st['prompt']}, "
+                  f"{st['new_tokens']} new tokens; each engine in its own process, engines interleaved round-robin "
+                  f"({st['rounds']} rounds of {st['repeats_per_round']} calls; the median round). fp16 on this CPU "
+                  "is for correctness only: ONNX Runtime casts it to fp32 around kernels it lacks.", "",
+                  "| precision | schedule | batch | prefill ms | vs fp32 | decode tok/s | vs fp32 | weights MiB | "
+                  "peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(sp["rows"], key=lambda r: (r["batch"], r["schedule"] != "unreduced",
+                                                  ("fp32", "fp16", "int8", "int4").index(r["precision"]))):
+            lines.append(f"| {r['precision']} | {r['schedule']} | {r['batch']} | {r['prefill_ms']:.1f} | "
+                         f"{r['prefill_speedup_vs_fp32']:.2f}x | {r['decode_tokens_per_s']:.1f} | "
+                         f"{r['decode_speedup_vs_fp32']:.2f}x | {_mib(r['weights_bytes'])} | "
+                         f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+        lines.append("")
+    return lines
+
+
+def gpu_section() -> list[str]:
+    """The torch backend on a GPU per dtype (gpu-precision.json, from tools/run_gpu_precision.py)."""
+    path = BENCH / "gpu-precision.json"
+    if not path.exists():
+        return []
+    g = json.loads(path.read_text())
+    m = g["machine"]
+    lines = ["## Torch backend on a GPU, per dtype (`gpu-precision.json`)", "",
+             f"Made by `{g['command']}` on an {m['gpu']} (torch {m['torch']}, CUDA {m['cuda']}, transformers "
+             f"{m['transformers']}). The PyTorch reference (eager, SDPA where no probabilities are needed) in memory "
+             "through `Pipeline.from_model`, random weights; batch 1, 576 image + ~70 text tokens, 32 new tokens, "
+             f"median of {g['settings']['repeats']} calls; float32 without TF32.", "",
+             "| model | dtype | schedule | prefill ms | FastV speed-up (ideal) | TTFT ms | decode tok/s | "
+             "GPU memory GiB |", "|---|---|---|---|---|---|---|---|"]
+    rows = g["rows"]
+    for r in rows:
+        full = next(x for x in rows if x["model"] == r["model"] and x["dtype"] == r["dtype"]
+                    and x["method"] == "unreduced")
+        speed = "" if r["method"] == "unreduced" else (
+            f"{full['prefill_ms'] / r['prefill_ms']:.2f}x ({1 / r['theoretical_prefill_flops_ratio']:.2f}x)")
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {r['prefill_ms']:.1f} | {speed} | "
+                     f"{r['ttft_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['gpu_peak_allocated_gib']:.1f} |")
+    return lines + [""]
+
+
+def scale_section() -> list[str]:
+    """Export and load cost at LLaVA-1.5-7B's real layer shapes (scale-7b.json)."""
+    path = BENCH / "scale-7b.json"
+    if not path.exists():
+        return []
+    sc = json.loads(path.read_text())
+    lines = ["## Real-size layers: LLaVA-1.5-7B-shaped models (`scale-7b.json`)", "",
+             f"Made by `{sc['command']}`. Model: {sc['model']}. {sc['settings']['backend']}, "
+             f"{sc['settings']['prompt']}, batch 1; export {sc['settings']['export']}. Peak RSS is each process's "
+             f"high-water mark; the runtime's imports alone take {sc['baseline_rss_bytes'] / 2**20:.0f} MiB "
+             "(subtracted in 'load RSS / weights').", "",
+             "| decoder layers | precision | schedule | export s | export peak GiB | export peak / weights | "
+             "weights GiB | engine on disk GiB | load RSS / weights | vision ms | prefill ms | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sc["rows"]:
+        lines.append(f"| {r['decoder_layers']} | {r['precision']} | {r['schedule']} | {r['export_s']:.0f} | "
+                     f"{r['export_peak_rss_bytes'] / 2**30:.2f} | {r['export_peak_over_weights']:.2f} | "
+                     f"{r['weights_bytes'] / 2**30:.2f} | {r['engine_disk_bytes'] / 2**30:.2f} | "
+                     f"{r['load_rss_over_weights']:.2f} | {r['vision_ms']:.0f} | {r['prefill_ms']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.2f} |")
     return lines + [""]
 
 

@@ -166,7 +166,9 @@ def _int4(src: Path, dst: Path) -> None:
 
     model = onnx.load(str(src))  # with its weights: the quantizer reads them
     nodes = weight_matmuls(model)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+    # accuracy_level 4: the kernel quantizes activations to int8 per block and runs int8 dot products (the fast
+    # x86 path; mid preset decode 119 vs 72 tok/s with the default fp32 compute)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
                                      nodes_to_include=nodes, op_types_to_quantize=("MatMul",))
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
