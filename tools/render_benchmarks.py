@@ -26,7 +26,7 @@ def main() -> None:
         f"{rt['settings']['repeats']} full `generate()` calls.",
         "",
         f"Machine: {m['cores']} CPU cores ({m['cpu']}), Python {m['python']}, torch {m['torch']}, "
-        f"onnxruntime {m['onnxruntime']}. No GPU was available for these runs.",
+        f"onnxruntime {m['onnxruntime']}. The CPU sections ran on this machine; the GPU section names its own.",
         "",
         "## Runtime, CPU (`runtime-cpu.json`)",
         "",

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from leanvlm.eval.harness import evaluate, question_prompt, shapes_items  # noqa: E402
 from leanvlm.export import ExportOptions, export_engine  # noqa: E402
 from leanvlm.export.engine import resolve_schedule  # noqa: E402
+from leanvlm.spec import defaults  # noqa: E402
 from leanvlm.models.loading import resolve_model  # noqa: E402
 from leanvlm.reduction.plan import make_plan  # noqa: E402
 from leanvlm.runtime import Pipeline  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
                 schedule = args.work / f"{method}-{keep}.yaml"
                 schedule.write_text(VARIANTS[method].format(keep=keep))
             report, run = run_engine(args.work, f"{method}-{keep}", method, keep, items, schedule)
-            plan = make_plan(cfg, resolve_schedule(cfg, method, keep, 2, schedule), text_tokens)
+            plan = make_plan(cfg, resolve_schedule(cfg, method, keep, defaults.FASTV_LAYER, schedule), text_tokens)
             agree = sum(p["tokens"] == b for p, b in zip(report.predictions, base_tokens)) / report.n
             rows.append({"method": method, "keep": keep, "llm_image_tokens": plan.image_tokens_per_layer[-1],
                          "accuracy": report.accuracy, "greedy_agreement": agree,

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from leanvlm.export import ExportOptions, export_engine  # noqa: E402
 from leanvlm.export.engine import resolve_schedule  # noqa: E402
+from leanvlm.spec import defaults  # noqa: E402
 from leanvlm.models import make_tiny  # noqa: E402
 from leanvlm.reduction.plan import make_plan  # noqa: E402
 from leanvlm.runtime.bench import bench_engine  # noqa: E402
@@ -44,7 +45,7 @@ def main() -> int:
         out = args.work / name
         export_engine(ExportOptions(model=str(mid), keep=keep, method=method, out=out, max_batch=1, force=True))
         run = bench_engine(out, **kw)
-        plan = make_plan(cfg, resolve_schedule(cfg, method, keep, 2, None), TEXT_TOKENS)
+        plan = make_plan(cfg, resolve_schedule(cfg, method, keep, defaults.FASTV_LAYER, None), TEXT_TOKENS)
         rows[name] = {"method": method, "keep": keep, "llm_image_tokens": run["image_tokens"],
                       "vision_ms": run["vision_s"]["median"] * 1e3, "prefill_ms": run["prefill_s"]["median"] * 1e3,
                       "ttft_ms": run["ttft_s"]["median"] * 1e3, "theoretical_vision_flops_ratio": plan.vision_flops_ratio,

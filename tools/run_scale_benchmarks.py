@@ -2,7 +2,7 @@
 """Reproduce benchmarks/scale-7b.json: export and load cost of LLaVA-1.5-7B-shaped models (CLIP ViT-L/14-336 with
 all 24 layers, Llama width 4096, MLP 11008, vocab 32064) with 2 and 4 decoder layers, fp32 and fp16, and the
 prefill time per decoder layer at 646 tokens, FastV keep 0.33 vs unreduced. The README extrapolates these to
-the real 7B and 13B.
+the real 7B and 13B. FastV acts at layer 1 here (a 2-layer model has no layer 2).
 
     python tools/run_scale_benchmarks.py [--layers 2 4] [--precisions fp32 fp16] [--work /tmp/leanvlm-scale]
 
@@ -93,8 +93,10 @@ def main() -> int:
         for precision in args.precisions:
             for label, keep in (("unreduced", "1"), ("fastv", "0.33")):
                 out_dir = work / f"{layers}l-{precision}-{label}"
+                # FastV at layer 1 (layer 2 does not exist in a 2-layer model): layers 1..N-1 see 190 tokens
                 wall, out = run_measured([env_python, "-c", EXPORT, "--model", str(ckpt), "--keep", keep,
-                                          "--precision", precision, "--out", str(out_dir), "--max-batch", "4"])
+                                          "--layer", "1", "--precision", precision, "--out", str(out_dir),
+                                          "--max-batch", "4"])
                 peak = json.loads(out.strip().splitlines()[-1])["peak_rss"]
                 weights = (out_dir / "weights.onnx.data").stat().st_size
                 disk = sum(p.stat().st_size for p in out_dir.iterdir())

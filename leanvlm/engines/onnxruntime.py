@@ -52,13 +52,15 @@ def unsupported_dtype(dtype: str, providers: list[str] | None = None) -> str | N
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from leanvlm.spec import defaults
+
     if dtype == "float32":
         return None
     elem = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}[dtype]
     x = helper.make_tensor_value_info("x", elem, [2, 2])
     y = helper.make_tensor_value_info("y", elem, [2, 2])
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "x"], ["y"]), ], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", defaults.OPSET)])
     providers = providers or default_providers()
     try:
         ort.InferenceSession(model.SerializeToString(), providers=providers)

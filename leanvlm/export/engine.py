@@ -1,7 +1,8 @@
-"""`export-engine`: checkpoint + schedule -> engine directory (four ONNX graphs, tokenizer/processor, manifest).
+"""`export-engine`: checkpoint + schedule + precision -> engine directory (four ONNX graphs sharing one
+weights file, tokenizer/processor, manifest).
 
 Everything is written to a temporary sibling of the output directory and moved into place only once
-every graph has passed onnx.checker, the TensorRT lint and an ONNX Runtime run against the reference.
+every graph has passed an ONNX Runtime run against the fp32 reference, onnx.checker and the TensorRT lint.
 """
 
 from __future__ import annotations
@@ -120,24 +121,23 @@ def validate_options(opts: ExportOptions) -> Path:
 
 
 def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = None) -> ExportResult:
-    """Export `opts.model` with a FastV schedule to an engine directory; see the module docstring."""
+    """Export `opts.model` with its reduction schedule at `opts.precision` to an engine directory; see the
+    module docstring. `on_step` receives a line per step (the CLI's progress)."""
+    import torch
     from transformers import LlavaConfig
 
+    from leanvlm.engines.onnxruntime import create_session
     from leanvlm.engines.trt_lint import lint_onnx
     from leanvlm.export.graphs import build_specs
-    from leanvlm.engines.onnxruntime import create_session
     from leanvlm.export.onnx_export import export_graph, graph_io
+    from leanvlm.export.quantize import calibration_items, capture_feeds, quantize_engine
     from leanvlm.export.verify import compare_cases, reference_cases
     from leanvlm.export.weights import WeightStore
     from leanvlm.models import load_model, resolve_model
-    from leanvlm.runtime.processor import VLMProcessor
     from leanvlm.reduction.flops import prefill_flops_ratio
     from leanvlm.reference import ReducedLlava
+    from leanvlm.runtime.processor import VLMProcessor
     from leanvlm.spec.engine import EngineSpec, Limits
-
-    import torch
-
-    from leanvlm.export.quantize import calibration_items, capture_feeds, quantize_engine
     from leanvlm.spec.precision import PRECISIONS, get_precision
 
     step = on_step or (lambda _msg: None)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from leanvlm.errors import UserError
+from leanvlm.spec import defaults
 
 METHODS = ("fastv", "pdrop", "illava", "visionzip")
 SCORE_AT = ("previous", "current")
@@ -110,7 +111,8 @@ class Schedule:
 
     # ---- presets ----------------------------------------------------------------------------
     @classmethod
-    def fastv(cls, num_layers: int, num_image_tokens: int, keep: float, layer: int = 2) -> "Schedule":
+    def fastv(cls, num_layers: int, num_image_tokens: int, keep: float,
+              layer: int = defaults.FASTV_LAYER) -> "Schedule":
         """One FastV stage at `layer` keeping `keep` of the image tokens; keep == 1 gives no stage."""
         _check_keep(keep)
         if keep == 1.0:
@@ -183,8 +185,8 @@ class Schedule:
         return cls(num_layers, num_image_tokens, stages, "illava", tuple(vstages), vision_layers)
 
     @classmethod
-    def preset(cls, method: str, num_layers: int, num_image_tokens: int, keep: float, layer: int = 2,
-               vision_layers: int = 0) -> "Schedule":
+    def preset(cls, method: str, num_layers: int, num_image_tokens: int, keep: float,
+               layer: int = defaults.FASTV_LAYER, vision_layers: int = 0) -> "Schedule":
         """The schedule of a named method (see each constructor for its defaults and sources)."""
         if method == "fastv":
             s = cls.fastv(num_layers, num_image_tokens, keep, layer)
