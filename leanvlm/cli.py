@@ -256,7 +256,10 @@ def _bench(args: argparse.Namespace) -> int:
     t.add_row("prefill latency", *[ms(report[k]["prefill_s"]) for k in cols])
     t.add_row("time to first token", *[ms(report[k]["ttft_s"]) for k in cols])
     t.add_row("decode tokens/s", *[f"{report[k]['decode_tokens_per_s']['median']:.1f}" for k in cols])
-    t.add_row("peak RSS", *[_human(report[k]["peak_rss_bytes"]) for k in cols])
+    t.add_row("peak memory (PSS: anon + mapped)", *[
+        f"{_human(m['total'])} ({_human(m['anon'])} + {_human(m['file'])})"
+        for m in (report[k]["peak_memory_bytes"] for k in cols)])
+    t.add_row("peak RSS (maps counted per session)", *[_human(report[k]["peak_rss_bytes"]) for k in cols])
     t.add_row("KV cache (used)", *[_human(report[k]["kv_cache"]["used_bytes"]) for k in cols])
     t.add_row("theoretical prefill FLOPs vs unreduced",
               *[f"{report[k]['theoretical_prefill_flops_ratio']:.3f}" for k in cols])

@@ -158,3 +158,32 @@ def test_weights_past_2_gib_export_and_run(tmp_path):
     assert all(c.worst < 1e-3 and c.kept_equal for c in result.checks)
     res = Pipeline.load(result.out).generate(image=images(1)[0], prompt="Hi", max_new_tokens=3, ignore_eos=True)
     assert len(res.token_ids) == 3 and len(res.kept[0]) == 32
+
+
+def test_export_frees_the_model_before_opening_sessions(tiny_dir, tmp_path, monkeypatch):
+    """The sessions that check the graphs map the written weights; the PyTorch model must be gone by then,
+    or export holds two copies of the weights (a graph spec left alive in export's frame once held it)."""
+    import gc
+    import weakref
+
+    import leanvlm.models
+    from leanvlm.export import ExportOptions, export_engine
+
+    load = leanvlm.models.load_model
+    models = []
+
+    def tracked_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        models.append(weakref.ref(loaded.model))
+        return loaded
+
+    alive_at_check = []
+
+    def on_step(msg: str) -> None:
+        if msg.startswith("running graphs in ONNX Runtime"):
+            gc.collect()
+            alive_at_check.append(models[0]() is not None)
+
+    monkeypatch.setattr(leanvlm.models, "load_model", tracked_load)
+    export_engine(ExportOptions(model=str(tiny_dir), keep=0.5, out=tmp_path / "e"), on_step=on_step)
+    assert alive_at_check == [False]

@@ -141,3 +141,35 @@ def test_concurrent_calls_match_sequential(reduced):
     for t in threads:
         t.join()
     assert not errors and got == expected
+
+
+def test_memory_sampler_splits_anon_and_counts_a_twice_mapped_file_once(tmp_path):
+    """Engines map one weights file from two sessions: the benchmark's memory must count those pages once
+    (PSS), and tell anonymous memory (copies) from mapped file pages."""
+    import mmap
+
+    import numpy as np
+
+    from leanvlm.runtime.bench import MemorySampler, memory_now
+
+    if not memory_now():
+        pytest.skip("no /proc/self/smaps_rollup on this platform")
+    size = 96 << 20
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes())
+    with MemorySampler(interval=0.01) as mem, open(path, "rb") as f:
+        base = memory_now()
+        maps = [mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for _ in range(2)]
+        touched = [sum(m[i] for i in range(0, size, 4096)) for m in maps]  # every page of both maps
+        mem.sample()
+        after_maps = memory_now()
+        copy = np.ones(size, dtype=np.uint8)  # an anonymous copy of the same size
+        mem.sample()
+        del copy
+        for m in maps:
+            m.close()
+    assert touched[0] == touched[1]
+    file_growth = after_maps["file"] - base["file"]
+    assert 0.9 * size < file_growth < 1.2 * size, file_growth  # once, not twice
+    assert mem.peak["anon"] - base["anon"] > 0.9 * size
+    assert mem.peak["total"] >= base["anon"] + base["file"] + size

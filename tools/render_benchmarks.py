@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 
 
 def ms(s: dict) -> str:
@@ -35,13 +36,17 @@ def main() -> None:
         f"({next(iter(rt['runs'].values()))['image_tokens']} image + "
         f"{next(iter(rt['runs'].values()))['text_tokens']} text), {rt['settings']['new_tokens']} new tokens.",
         "",
-        "| engine / backend | prefill ms | TTFT ms | decode tok/s | peak RSS MiB | KV cache KiB | theoretical prefill FLOPs |",
-        "|---|---|---|---|---|---|---|",
+        "Peak memory: sampled proportional set size, anonymous + file-backed (the weights file both decoder "
+        "sessions map, counted once); peak RSS counts such a mapping once per session.",
+        "",
+        "| engine / backend | prefill ms | TTFT ms | decode tok/s | peak memory MiB (anon + file) | peak RSS MiB | "
+        "KV cache KiB | theoretical prefill FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rt["runs"].items():
         lines.append(f"| {name} | {ms(r['prefill_s'])} | {ms(r['ttft_s'])} | "
-                     f"{r['decode_tokens_per_s']['median']:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
-                     f"{r['kv_cache']['used_bytes'] / 1024:.0f} | {r['theoretical_prefill_flops_ratio']:.3f} |")
+                     f"{r['decode_tokens_per_s']['median']:.1f} | {_memory(r.get('peak_memory_bytes'))} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['kv_cache']['used_bytes'] / 1024:.0f} | {r['theoretical_prefill_flops_ratio']:.3f} |")
     lines += ["", "| comparison | prefill speed-up | theoretical | fraction of theoretical | TTFT speed-up | "
               "decode tok/s ratio | KV bytes ratio |", "|---|---|---|---|---|---|---|"]
     for name, c in rt["comparisons"].items():
@@ -180,28 +185,92 @@ def gpu_section() -> list[str]:
     return lines + [""]
 
 
+def _memory(peak: dict | None) -> str:
+    """'total (anon + file)' in MiB, or a dash for reports made before memory was sampled."""
+    if not peak:
+        return "-"
+    return f"{peak['total'] / 2**20:.0f} ({peak['anon'] / 2**20:.0f} + {peak['file'] / 2**20:.0f})"
+
+
 def scale_section() -> list[str]:
     """Export and load cost at LLaVA-1.5-7B's real layer shapes (scale-7b.json)."""
     path = BENCH / "scale-7b.json"
     if not path.exists():
         return []
     sc = json.loads(path.read_text())
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    base = sc["baseline"]
     lines = ["## Real-size layers: LLaVA-1.5-7B-shaped models (`scale-7b.json`)", "",
              f"Made by `{sc['command']}`. Model: {sc['model']}. {sc['settings']['backend']}, "
-             f"{sc['settings']['prompt']}, batch 1; export {sc['settings']['export']}. Peak RSS is each process's "
-             f"high-water mark; the runtime's imports alone take {sc['baseline_rss_bytes'] / 2**20:.0f} MiB "
-             "(subtracted in 'load RSS / weights').", "",
-             "| decoder layers | precision | schedule | export s | export peak GiB | export peak / weights | "
-             "weights GiB | engine on disk GiB | load RSS / weights | vision ms | prefill ms | decode tok/s |",
+             f"{sc['settings']['prompt']}, batch 1; export {sc['settings']['export']}; "
+             f"{sc['settings'].get('engine_sessions', 'default sessions')}. Memory is each process's "
+             "peak proportional set size, sampled: anonymous memory (copies, arenas; what memory pressure cannot "
+             "take back) and file-backed pages (the mapped checkpoint or weights file, counted once however many "
+             "sessions map it; the kernel drops and re-reads them under pressure); the peak of their sum comes "
+             "first, then each one's own peak. The runtime's imports alone "
+             f"take {gib(base['anon'] + base['file'])} GiB ({gib(base['anon'])} anon). Ratios are to the engine's "
+             "weights file.", "",
+             "| decoder layers | precision | schedule | export s | export peak GiB [anon, file peaks] | / weights "
+             "(anon) | weights GiB | engine run peak GiB [anon, file peaks] | / weights (anon) | vision ms | "
+             "prefill ms | decode tok/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sc["rows"]:
+        ex, run = r["export_peak"], r["engine_run_peak"]
         lines.append(f"| {r['decoder_layers']} | {r['precision']} | {r['schedule']} | {r['export_s']:.0f} | "
-                     f"{r['export_peak_rss_bytes'] / 2**30:.2f} | {r['export_peak_over_weights']:.2f} | "
-                     f"{r['weights_bytes'] / 2**30:.2f} | {r['engine_disk_bytes'] / 2**30:.2f} | "
-                     f"{r['load_rss_over_weights']:.2f} | {r['vision_ms']:.0f} | {r['prefill_ms']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.2f} |")
-    return lines + [""]
+                     f"{gib(ex['total'])} [{gib(ex['anon'])}, {gib(ex['file'])}] | "
+                     f"{r['export_peak_over_weights']:.2f} ({r['export_anon_over_weights']:.2f}) | "
+                     f"{gib(r['weights_bytes'])} | {gib(run['total'])} [{gib(run['anon'])}, {gib(run['file'])}] | "
+                     f"{r['engine_run_over_weights']:.2f} ({r['engine_run_anon_over_weights']:.2f}) | "
+                     f"{r['vision_ms']:.0f} | {r['prefill_ms']:.0f} | {r['decode_tokens_per_s']:.2f} |")
+    return lines + [""] + scale_extrapolation(sc)
 
+
+def _llava_params(name: str) -> dict:
+    """Parameter counts of a shipped LLaVA config's parts that differ between 7B and 13B."""
+    cfg = json.loads((ROOT / "leanvlm" / "models" / "configs" / f"llava-hf--{name}.json").read_text())
+    t, v = cfg["text_config"], cfg["vision_config"]
+    h, i, vocab = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    return {"layers": t["num_hidden_layers"], "layer": 4 * h * h + 3 * h * i + 2 * h,
+            "embed_head": 2 * vocab * h, "projector": v.get("hidden_size", 1024) * h + h * h + 2 * h}
+
+
+def scale_extrapolation(sc: dict) -> list[str]:
+    """Real 7B and 13B figures from the 2- and 4-layer rows: each quantity grows with the weights at the
+    marginal rate measured between the two (per decoder layer for prefill time)."""
+    by = {(r["decoder_layers"], r["precision"], r["schedule"]): r for r in sc["rows"]}
+    small = _llava_params("llava-1.5-7b-hf")
+    lines = ["### Extrapolated to the real models", "",
+             "From the 2- and 4-layer rows: a quantity Q measured at weights W2 and W4 is extrapolated as "
+             "Q(W) = Q2 + (Q4 - Q2) / (W4 - W2) x (W - W2), where W is the real model's weights file: W2 plus the "
+             "parameters the real model adds (7B: 30 more decoder layers of "
+             f"{small['layer'] / 1e6:.1f}M; 13B: 40 layers of {_llava_params('llava-1.5-13b-hf')['layer'] / 1e6:.1f}M "
+             "instead of 2 of the 7B's, a wider embedding, lm_head and projector) times the bytes per parameter. "
+             "Prefill time: the 2-layer time plus the measured time per decoder layer (x the per-layer parameter "
+             "ratio for 13B; FastV acts at layer 1 as measured). CPU times are this 2-core machine's.", "",
+             "| model | precision | weights GiB | export peak GiB (anon) | engine run peak GiB (anon) | "
+             "CPU prefill s, 646 tokens: unreduced / FastV 0.33 |", "|---|---|---|---|---|---|"]
+    for name in ("llava-1.5-7b-hf", "llava-1.5-13b-hf"):
+        big = _llava_params(name)
+        added = (big["layers"] * big["layer"] - 2 * small["layer"] + big["embed_head"] - small["embed_head"]
+                 + big["projector"] - small["projector"])
+        for precision in ("fp16", "fp32"):
+            r2, r4 = by.get((2, precision, "unreduced")), by.get((4, precision, "unreduced"))
+            f2, f4 = by.get((2, precision, "fastv")), by.get((4, precision, "fastv"))
+            if not (r2 and r4 and f2 and f4):
+                continue
+            w2, w4 = r2["weights_bytes"], r4["weights_bytes"]
+            bytes_per_param = (w4 - w2) / (2 * small["layer"])
+            w = w2 + added * bytes_per_param
+            grow = lambda q2, q4: q2 + (q4 - q2) / (w4 - w2) * (w - w2)  # noqa: E731
+            ex = {k: grow(r2["export_peak"][k], r4["export_peak"][k]) for k in ("total", "anon")}
+            run = {k: grow(r2["engine_run_peak"][k], r4["engine_run_peak"][k]) for k in ("total", "anon")}
+            layers = big["layers"] * big["layer"] / small["layer"]  # in 7B-layer units
+            prefill = [(a["prefill_ms"] + (b["prefill_ms"] - a["prefill_ms"]) / 2 * (layers - 2)) / 1e3
+                       for a, b in ((r2, r4), (f2, f4))]
+            lines.append(f"| {name} | {precision} | {w / 2**30:.1f} | {ex['total'] / 2**30:.1f} "
+                         f"({ex['anon'] / 2**30:.1f}) | {run['total'] / 2**30:.1f} ({run['anon'] / 2**30:.1f}) | "
+                         f"{prefill[0]:.0f} / {prefill[1]:.0f} |")
+    return lines + [""]
 
 if __name__ == "__main__":
     main()

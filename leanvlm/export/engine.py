@@ -128,8 +128,7 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
 
     from leanvlm.engines.onnxruntime import create_session
     from leanvlm.engines.trt_lint import lint_onnx
-    from leanvlm.export.graphs import build_specs
-    from leanvlm.export.onnx_export import export_graph, graph_io
+    from leanvlm.export.onnx_export import graph_io
     from leanvlm.export.quantize import calibration_items, capture_feeds, quantize_engine
     from leanvlm.export.verify import compare_cases, reference_cases
     from leanvlm.export.weights import WeightStore
@@ -171,11 +170,8 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
                                 opts.precision, {"model": loaded.source, "path": str(loaded.path),
                                                  "config_sha256": config_hash(model.config.to_dict())})
         store = WeightStore(tmp)
-        weight_bytes = {}
         try:
-            for g in build_specs(ref):
-                step(f"exporting {g.name}.onnx")
-                weight_bytes[g.name] = export_graph(g, tmp / f"{g.name}.onnx", store, opts.opset, opts.exporter)
+            weight_bytes = _export_graphs(ref, tmp, store, opts, step)
         finally:
             store.close()
         step("computing the PyTorch reference outputs")
@@ -184,7 +180,8 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
         del ref, model
         gc.collect()
         step("running graphs in ONNX Runtime against the PyTorch reference")
-        session = lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"])  # noqa: E731
+        low_memory = precision.io_dtype != "float32"  # create_session: ORT's CPU fp32 copies of fp16 weights
+        session = lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"], low_memory=low_memory)  # noqa: E731
         checks = compare_cases(cases, session, PRECISIONS["fp32"] if precision.quantize else precision)
         if precision.quantize:
             feeds = None
@@ -226,6 +223,19 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     return ExportResult(out, manifest, weight_bytes, time.perf_counter() - t0, flops, checks, lint,
                         weights_file_bytes=(out / store.name).stat().st_size)
+
+
+def _export_graphs(ref, tmp: Path, store, opts: ExportOptions, step) -> dict[str, int]:
+    """Trace every graph into `tmp`, weights into `store`. A function of its own so that no graph spec (which
+    holds the model) outlives it: the caller frees the model before opening sessions."""
+    from leanvlm.export.graphs import build_specs
+    from leanvlm.export.onnx_export import export_graph
+
+    weight_bytes = {}
+    for g in build_specs(ref):
+        step(f"exporting {g.name}.onnx")
+        weight_bytes[g.name] = export_graph(g, tmp / f"{g.name}.onnx", store, opts.opset, opts.exporter)
+    return weight_bytes
 
 
 def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None):

@@ -3,7 +3,10 @@
 Each engine runs in its own subprocess: peak RSS is then that engine's alone, and no live ONNX Runtime
 thread pool skews the other's timings (on 2 cores it would). Each measurement is a full generate()
 after warm-up runs; the report gives the median and spread (p25-p75, min-max) of prefill latency,
-time to first token and decode tokens/s, with peak RSS and KV-cache bytes.
+time to first token and decode tokens/s, with peak memory and KV-cache bytes. Peak memory is given twice:
+VmHWM (`peak_rss_bytes`, what `top` shows), and sampled proportional set size split into anonymous and
+file-backed pages (`peak_memory_bytes`): the engine's weights are one memory-mapped file that the prefill and
+decode sessions both map, which RSS counts twice and PSS, like physical memory, once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,57 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_now() -> dict[str, int]:
+    """This process's memory by kind (Linux), as proportional set size: `anon` (heap, arenas, copies: what
+    memory pressure cannot take back) and `file` (mapped files such as the engine's weights: clean pages the
+    kernel can drop and re-read). PSS, not RSS: two sessions mapping the same weights file count its pages
+    once, as they are in physical memory. Empty where /proc is absent."""
+    keys = {"Pss_Anon": "anon", "Pss_File": "file", "Pss_Shmem": "shmem"}
+    out = {}
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[keys[key]] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class MemorySampler:
+    """Peak anonymous and file-backed memory (PSS) over a `with` block, sampled every `interval` seconds by a
+    thread: VmHWM gives only the peak of the sum, and counts a file mapped by two sessions twice."""
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.interval = interval
+        self.peak = {"anon": 0, "file": 0, "total": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        m = memory_now()
+        if m:
+            self.peak["anon"] = max(self.peak["anon"], m["anon"])
+            self.peak["file"] = max(self.peak["file"], m["file"])
+            self.peak["total"] = max(self.peak["total"], m["anon"] + m["file"] + m.get("shmem", 0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def _stats(values: list[float]) -> dict:
@@ -73,9 +127,10 @@ def bench_in_process(engine: str, backend: str = "onnxruntime", batch: int = 1, 
     if backend == "torch":
         options["device"] = os.environ.get("LEANVLM_BENCH_DEVICE")
         options["dtype"] = os.environ.get("LEANVLM_BENCH_DTYPE")
-    pipe = Pipeline.load(engine, backend=backend, **options)
-    return {"engine": str(engine), "backend": backend,
-            **bench_pipeline(pipe, batch, prompt_len, new_tokens, repeats, warmup)}
+    with MemorySampler() as memory:
+        pipe = Pipeline.load(engine, backend=backend, **options)
+        report = bench_pipeline(pipe, batch, prompt_len, new_tokens, repeats, warmup)
+    return {"engine": str(engine), "backend": backend, **report, "peak_memory_bytes": memory.peak}
 
 
 def bench_pipeline(pipe, batch: int = 1, prompt_len: int = 70, new_tokens: int = 32, repeats: int = 5,
@@ -130,6 +185,8 @@ def compare(engine: dict, baseline: dict) -> dict:
         "decode_tokens_per_s_ratio": engine["decode_tokens_per_s"]["median"] / baseline["decode_tokens_per_s"]["median"],
         "kv_bytes_ratio": engine["kv_cache"]["used_bytes"] / baseline["kv_cache"]["used_bytes"],
         "peak_rss_ratio": engine["peak_rss_bytes"] / baseline["peak_rss_bytes"],
+        "peak_memory_ratio": (engine["peak_memory_bytes"]["total"] / baseline["peak_memory_bytes"]["total"]
+                              if baseline["peak_memory_bytes"]["total"] else None),  # no /proc: not measured
     }
 
 

@@ -99,7 +99,7 @@ class Pipeline:
     def load(cls, engine_dir: str | Path, backend: str = defaults.BACKEND, **options) -> "Pipeline":
         """Validate the engine directory (manifest, checksums) and open it with `backend`.
 
-        Options: those of the backend (see `leanvlm.runtime.backends`: providers, threads for onnxruntime;
+        Options: those of the backend (see `leanvlm.runtime.backends`: providers, threads, low_memory for onnxruntime;
         device, dtype, model_path for torch) and max_pixels.
         """
         spec = load_engine_spec(engine_dir)

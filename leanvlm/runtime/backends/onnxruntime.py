@@ -12,13 +12,18 @@ from leanvlm.spec.engine import EngineSpec
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    options = ("providers", "threads")
+    options = ("providers", "threads", "low_memory")
 
-    def __init__(self, spec: EngineSpec, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, spec: EngineSpec, providers: list[str] | None = None, threads: int | None = None,
+                 low_memory: bool = False):
+        """low_memory: sessions without graph optimisation, arena or fp32 weight copies (see create_session).
+        For half engines on the CPU provider, which ONNX Runtime otherwise runs on an fp32 copy of every
+        weight (3.3-3.6x the fp16 weights measured at LLaVA-7B's shapes; 1.9-2.1x with this, decode ~5x slower)."""
         from leanvlm.engines.onnxruntime import create_session
 
         super().__init__(spec)
-        self.sessions = {g: create_session(path, providers, threads, prepack=spec.precision.prepack)
+        self.sessions = {g: create_session(path, providers, threads, prepack=spec.precision.prepack,
+                                           low_memory=low_memory)
                          for g, path in spec.graph_files().items()}
         self.inputs = {g: {i.name for i in s.get_inputs()} for g, s in self.sessions.items()}
         self.outputs = {g: [o.name for o in s.get_outputs()] for g, s in self.sessions.items()}
