@@ -14,16 +14,10 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
-# ONNX Runtime's CPU provider has no x86 fp16 GEMM: it runs a half graph's MatMuls in fp32, and at session
-# creation these transformers turn every fp16 weight into a resident fp32 copy (twice the weights, 26 GiB for
-# LLaVA-7B's decoder). Without them (and without graph optimisation, whose constant folding would do the same)
-# the inserted Casts run per node at run time and only a few layers' fp32 copies are alive at once.
-_FP32_WEIGHT_COPIES = ["FuseInitializersTransformer", "ConstantFolding"]
-
-
 def create_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
                    spin: bool | None = None, prepack: bool | None = None, low_memory: bool = False):
-    """An InferenceSession with full graph optimisation; `threads` caps intra-op threads (default: all cores).
+    """An InferenceSession with full graph optimisation (unless `low_memory`); `threads` caps intra-op threads
+    (default: all cores).
 
     Intra-op spinning is off by default: a pipeline runs four sessions one after another, and a session
     that just finished keeps its pool spinning, taking the cores from the next one. Measured on the
@@ -35,15 +29,19 @@ def create_session(path: str | Path, providers: list[str] | None = None, threads
     (prefill and decode would hold two); quantized engines need it (their kernels run on the packed form).
     The backend passes the engine precision's choice; LEANVLM_ORT_PREPACK=0|1 overrides both.
 
-    `low_memory` (export's checks of half-precision graphs on CPU): no graph optimisation, no fp32 weight
-    copies, no memory arena, so memory stays near the mapped weights; slower per run, the same graph semantics.
+    `low_memory` (half-precision graphs on the CPU provider): ONNX Runtime has no x86 fp16 GEMM and runs a half
+    graph's MatMuls in fp32; its graph optimisations (FuseInitializersTransformer, constant folding) turn every
+    fp16 weight into a resident fp32 copy at session creation, 2x the weights. Without optimisation and without
+    the memory arena, the inserted Casts run per node and their outputs are freed at once: memory stays near the
+    mapped weights; slower per run (decode ~5x), the same graph semantics.
     Measured on a 4-layer LLaVA-7B-shaped fp16 prefill graph (1.75 GiB of weights): 3.78 -> 1.52 GiB anonymous
     peak; with 2 layers 1.25 GiB (0.14 GiB per layer instead of 0.75).
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = ort.GraphOptimizationLevel
+    opts.graph_optimization_level = level.ORT_DISABLE_ALL if low_memory else level.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     if spin is None:
         spin = os.environ.get("LEANVLM_ORT_SPIN", "0") == "1"
@@ -51,17 +49,14 @@ def create_session(path: str | Path, providers: list[str] | None = None, threads
         prepack = os.environ["LEANVLM_ORT_PREPACK"] == "1"
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
-    kwargs = {}
     if low_memory:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.enable_cpu_mem_arena = False  # freed intermediates (the per-node fp32 weight casts) go back at once
+        opts.enable_cpu_mem_arena = False
         opts.enable_mem_pattern = False
-        kwargs["disabled_optimizers"] = _FP32_WEIGHT_COPIES
     if threads:
         opts.intra_op_num_threads = threads
     elif os.environ.get("LEANVLM_ORT_THREADS"):
         opts.intra_op_num_threads = int(os.environ["LEANVLM_ORT_THREADS"])
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or default_providers(), **kwargs)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or default_providers())
 
 
 def unsupported_dtype(dtype: str, providers: list[str] | None = None) -> str | None:
