@@ -46,7 +46,8 @@ def main() -> None:
     for name, r in rt["runs"].items():
         lines.append(f"| {name} | {ms(r['prefill_s'])} | {ms(r['ttft_s'])} | "
                      f"{r['decode_tokens_per_s']['median']:.1f} | {_memory(r.get('peak_memory_bytes'))} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['kv_cache']['used_bytes'] / 1024:.0f} | {r['theoretical_prefill_flops_ratio']:.3f} |")
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['kv_cache']['used_bytes'] / 1024:.0f} | "
+                     f"{r['theoretical_prefill_flops_ratio']:.3f} |")
     lines += ["", "| comparison | prefill speed-up | theoretical | fraction of theoretical | TTFT speed-up | "
               "decode tok/s ratio | KV bytes ratio |", "|---|---|---|---|---|---|---|"]
     for name, c in rt["comparisons"].items():

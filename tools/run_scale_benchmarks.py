@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from leanvlm.spec.precision import get_precision  # noqa: E402
 from run_benchmarks import fresh_workdir, machine  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -108,7 +109,7 @@ def main() -> int:
                 weights = (out_dir / "weights.onnx.data").stat().st_size
                 disk = sum(p.stat().st_size for p in out_dir.iterdir())
                 # fp16 on the CPU provider: low-memory sessions, or ONNX Runtime holds fp32 copies of the weights
-                mode = "low_memory" if precision in ("fp16", "bf16") else "default"
+                mode = "low_memory" if get_precision(precision).half else "default"
                 _, out = run_measured([env_python, "-c", LOAD, str(out_dir), mode])
                 load = json.loads(out.strip().splitlines()[-1])
                 row = {"decoder_layers": layers, "precision": precision, "schedule": label, "keep": float(keep),

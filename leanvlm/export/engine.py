@@ -180,8 +180,8 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
         del ref, model
         gc.collect()
         step("running graphs in ONNX Runtime against the PyTorch reference")
-        low_memory = precision.io_dtype != "float32"  # create_session: ORT's CPU fp32 copies of fp16 weights
-        session = lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"], low_memory=low_memory)  # noqa: E731
+        session = lambda g: create_session(tmp / f"{g}.onnx", ["CPUExecutionProvider"],  # noqa: E731
+                                           low_memory=precision.half)
         checks = compare_cases(cases, session, PRECISIONS["fp32"] if precision.quantize else precision)
         if precision.quantize:
             feeds = None

@@ -40,6 +40,12 @@ class Precision:
     prepack: bool = False
 
     @property
+    def half(self) -> bool:
+        """Half-precision graphs: ONNX Runtime's CPU provider runs them on fp32 copies of the weights unless the
+        sessions are opened with low_memory (see engines.onnxruntime.create_session)."""
+        return self.io_dtype != "float32"
+
+    @property
     def itemsize(self) -> int:
         return {"float32": 4, "float16": 2, "bfloat16": 2}[self.io_dtype]
 
