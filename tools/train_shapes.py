@@ -2,6 +2,7 @@
 """Train the shapes-llava checkpoint on the procedural shapes task, from a seed, on CPU (or CUDA if present):
 
     python tools/train_shapes.py --out leanvlm/assets/shapes-llava --seed 0
+    python tools/train_shapes.py --out leanvlm/assets/shapes-llava-8l --seed 0 --text-layers 8
 
 LLaVA-1.5 architecture at small size (transformers' CLIP vision tower + projector + Llama decoder, its own
 tokenizer and chat template: make_tiny's "shapes" preset, 96 px / patch 8 = 144 image tokens), trained end to
@@ -207,6 +208,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-layers", type=int, default=4,
+                    help="decoder layers (4: shapes-llava; 8: shapes-llava-8l, deep enough for per-layer search)")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16, help="conversations per step")
     ap.add_argument("--turns", type=int, default=8, help="questions per conversation")
@@ -222,7 +225,7 @@ def main() -> int:
 
     hf_logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = build_llava(args.seed, "shapes", random_spread=False)
+    model, processor = build_llava(args.seed, "shapes", random_spread=False, text_layers=args.text_layers)
     init_position_embeddings(model)
     init_decoder(model)
     vcfg = model.config.vision_config
