@@ -2,7 +2,8 @@
 """Train the shapes-llava checkpoint on the procedural shapes task, from a seed, on CPU (or CUDA if present):
 
     python tools/train_shapes.py --out leanvlm/assets/shapes-llava --seed 0
-    python tools/train_shapes.py --out leanvlm/assets/shapes-llava-8l --seed 0 --text-layers 8
+    python tools/train_shapes.py --out leanvlm/assets/shapes-llava-8l --seed 0 --text-layers 8 \\
+        --expand-from leanvlm/assets/shapes-llava --steps 300 --lr 3e-4 --warmup 30
 
 LLaVA-1.5 architecture at small size (transformers' CLIP vision tower + projector + Llama decoder, its own
 tokenizer and chat template: make_tiny's "shapes" preset, 96 px / patch 8 = 144 image tokens), trained end to
@@ -162,6 +163,37 @@ def init_decoder(model) -> None:
                 param.normal_(0.0, param.shape[1] ** -0.5)
 
 
+def expand_from(model, source: Path) -> None:
+    """Grow a trained checkpoint's decoder into `model` by block expansion (LLaMA Pro, arXiv 2401.02415): new
+    layer j copies source layer j * n_src // n_new; every copy after the first of a source layer gets zero
+    o_proj and down_proj, so it adds nothing to the residual stream and the grown model starts out computing
+    exactly what the source computes. Training from scratch with the same recipe at 8 layers stalled at 71%
+    held-out (is-there and left-of questions at chance after 1600 steps); growing the 4-layer model and
+    fine-tuning keeps its accuracy while the new layers learn."""
+    import re
+
+    from transformers import LlavaForConditionalGeneration
+
+    src = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32).state_dict()
+    n_src = 1 + max(int(m.group(1)) for k in src if (m := re.search(r"language_model\.layers\.(\d+)\.", k)))
+    n_new = model.config.text_config.num_hidden_layers
+    if n_new < n_src:
+        raise SystemExit(f"--text-layers {n_new} is fewer than the {n_src} layers of {source}")
+    state = {}
+    for key, value in model.state_dict().items():
+        m = re.search(r"language_model\.layers\.(\d+)\.", key)
+        if not m:
+            state[key] = src[key]
+            continue
+        j = int(m.group(1))
+        i = j * n_src // n_new
+        value = src[key.replace(f"layers.{j}.", f"layers.{i}.", 1)].clone()
+        if j != (i * n_new + n_src - 1) // n_src and key.endswith(("o_proj.weight", "down_proj.weight")):
+            value.zero_()  # not the first copy of source layer i: starts as an identity block
+        state[key] = value
+    model.load_state_dict(state)
+
+
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected image tokens exactly as LlavaForConditionalGeneration computes them (feature layer, no CLS)."""
     cfg = model.config
@@ -210,6 +242,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-layers", type=int, default=4,
                     help="decoder layers (4: shapes-llava; 8: shapes-llava-8l, deep enough for per-layer search)")
+    ap.add_argument("--expand-from", type=Path, default=None,
+                    help="start from this trained checkpoint, its decoder grown to --text-layers by block expansion")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch", type=int, default=16, help="conversations per step")
     ap.add_argument("--turns", type=int, default=8, help="questions per conversation")
@@ -226,8 +260,11 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = build_llava(args.seed, "shapes", random_spread=False, text_layers=args.text_layers)
-    init_position_embeddings(model)
-    init_decoder(model)
+    if args.expand_from:
+        expand_from(model, args.expand_from)
+    else:
+        init_position_embeddings(model)
+        init_decoder(model)
     vcfg = model.config.vision_config
     batcher = Batcher(processor, vcfg.image_size, vcfg.patch_size)
     batcher.check_against_processor(args.seed)
