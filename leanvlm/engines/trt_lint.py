@@ -1,8 +1,12 @@
 """TensorRT-compatibility lint of ONNX graphs, runnable where TensorRT is absent.
 
-Rules are what TensorRT 10.3's ONNX parser accepts (onnx-tensorrt docs/operators.md): opsets 9-20,
-an operator allowlist, TopK with a constant K <= 3840 on float input, CumSum on float input with a
-constant axis, and no data-dependent-shape operators such as NonZero.
+Rules are per TensorRT release (engines/trt_targets.ParserRules: 10.3 on JetPack 6 parses opsets 9-20,
+10.15 and 11.x opsets 9-24 and the fused LLM ops), after onnx-tensorrt's docs/operators.md: an operator
+allowlist, TopK with a constant K <= 3840 on float input, CumSum on float input with a constant axis, no
+data-dependent-shape operators such as NonZero, and explicit-quantization placement: every QuantizeLinear
+feeds DequantizeLinear only, scales are constants, zero points are int8 zeros (TensorRT's GPU path is
+symmetric), and no Q/DQ touches the reduction path (its scores and TopK must stay in float).
+Issues name nodes by their exported names; the reduction path's are stable (`/model/layers.2/reduce/TopK`).
 """
 
 from __future__ import annotations
@@ -10,17 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_OPSET = 20
-TOPK_MAX_K = 3840
+from leanvlm.engines.trt_targets import PARSER_10_3, ParserRules
+from leanvlm.spec.names import is_reduction_node
+
+MAX_OPSET = PARSER_10_3.max_opset
+TOPK_MAX_K = PARSER_10_3.topk_max_k
 FLOAT_TYPES = {1, 10, 16}  # FLOAT, FLOAT16, BFLOAT16
-# Operators our graphs may emit that TensorRT 10.3 parses (the subset of its matrix relevant to transformers).
-ALLOWED_OPS = frozenset("""
-Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv Cos CumSum Div Einsum Equal Erf Exp
-Expand Flatten Floor Gather GatherElements GatherND Gemm Greater GreaterOrEqual Identity If LayerNormalization Less
-LessOrEqual Log LogSoftmax MatMul Max Min Mul Neg Not Or Pad Pow Range ReduceMax ReduceMean ReduceMin ReduceSum
-ReduceSumSquare Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin Slice Softmax Split Sqrt Squeeze Sub Sum
-Tanh Tile TopK Transpose Unsqueeze Where Xor Gelu Reciprocal Mod IsNaN IsInf QuantizeLinear DequantizeLinear
-""".split())
+INT8, UINT8 = 3, 2
+ALLOWED_OPS = PARSER_10_3.ops  # what TensorRT 10.3 parses (the subset of its matrix relevant to transformers)
 
 
 @dataclass
@@ -34,10 +35,15 @@ class LintIssue:
         return f"{self.graph}: {self.op} {self.node!r}: {self.message}"
 
 
-def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET, topk_max_k: int = TOPK_MAX_K) -> list[LintIssue]:
-    """Everything in the graph at `path` that TensorRT 10.3 would reject; empty when it should parse. Issues
-    name nodes by their exported names: the reduction path's are stable (`/model/layers.2/reduce/TopK`)."""
+def lint_onnx(path: str | Path, max_opset: int | None = None, topk_max_k: int | None = None,
+              rules: ParserRules | None = None) -> list[LintIssue]:
+    """Everything in the graph at `path` that a TensorRT release's parser (`rules`, default 10.3) would reject;
+    empty when it should parse. Issues name nodes by their exported names."""
     import onnx
+
+    rules = rules or PARSER_10_3
+    max_opset = rules.max_opset if max_opset is None else max_opset
+    topk_max_k = rules.topk_max_k if topk_max_k is None else topk_max_k
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
@@ -49,7 +55,7 @@ def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET, topk_max_k: int = TO
     issues: list[LintIssue] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > max_opset:
-        issues.append(LintIssue(g, "", "opset", f"opset {opset} > {max_opset}, the newest TensorRT 10.3 parses"))
+        issues.append(LintIssue(g, "", "opset", f"opset {opset} > {max_opset}, the newest {rules.label} parses"))
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     const_values = _constant_values(model)
@@ -60,8 +66,8 @@ def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET, topk_max_k: int = TO
         if node.domain not in ("", "ai.onnx"):
             issues.append(LintIssue(g, node.name, node.op_type, f"custom domain {node.domain!r}"))
             continue
-        if node.op_type not in ALLOWED_OPS:
-            issues.append(LintIssue(g, node.name, node.op_type, "operator not in the TensorRT 10.3 allowlist"))
+        if node.op_type not in rules.ops:
+            issues.append(LintIssue(g, node.name, node.op_type, f"operator not in the {rules.label} allowlist"))
             continue
         if node.op_type == "TopK":
             k_name = node.input[1]
@@ -76,6 +82,44 @@ def lint_onnx(path: str | Path, max_opset: int = MAX_OPSET, topk_max_k: int = TO
                 issues.append(LintIssue(g, node.name, "CumSum", "axis is not a constant"))
             if types.get(node.input[0], 1) not in FLOAT_TYPES:
                 issues.append(LintIssue(g, node.name, "CumSum", "input is not floating point"))
+    issues += _qdq_issues(model, g, rules, constants, const_values, types)
+    return issues
+
+
+def _qdq_issues(model, g: str, rules: ParserRules, constants: set, const_values: dict, types: dict) -> list[LintIssue]:
+    """Explicit-quantization placement that TensorRT's strongly typed INT8 path rejects or runs wrongly."""
+    issues = []
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(node.input) > 1 and node.input[1] not in constants:
+            issues.append(LintIssue(g, node.name, node.op_type, "scale is computed at run time; TensorRT needs a "
+                                    "constant"))
+        if len(node.input) > 2 and node.input[2]:
+            zp = node.input[2]
+            zp_type = types.get(zp)
+            if rules.int8_symmetric_only and zp_type == UINT8:
+                issues.append(LintIssue(g, node.name, node.op_type, "uint8 zero point (asymmetric quantization); "
+                                        "TensorRT takes symmetric int8: export with --int8-activations symmetric"))
+            elif zp in const_values and const_values[zp].size and (const_values[zp] != 0).any():
+                issues.append(LintIssue(g, node.name, node.op_type, "nonzero zero point; TensorRT quantization is "
+                                        "symmetric"))
+        if node.op_type == "QuantizeLinear":
+            bad = [c for c in consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
+            if bad:
+                issues.append(LintIssue(g, node.name, node.op_type, f"feeds {bad[0].op_type} {bad[0].name!r}; TensorRT's "
+                                        "explicit quantization needs QuantizeLinear -> DequantizeLinear pairs"))
+        # An activation Q/DQ on the reduction path would make TensorRT run token scores in int8 (a weight's DQ
+        # shared with a score projection only rounds that weight, as in ONNX Runtime).
+        activation = node.input[0] not in constants
+        if is_reduction_node(node.name) or (activation and any(
+                is_reduction_node(c.name) for c in consumers.get(node.output[0], []))):
+            issues.append(LintIssue(g, node.name, node.op_type, "quantizes the reduction path (token scores, TopK, "
+                                    "merges), which must stay in float"))
     return issues
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from leanvlm.errors import EngineError
@@ -61,8 +62,19 @@ def file_checksums(directory: Path) -> dict[str, str]:
 def write_manifest(directory: Path, body: dict) -> Path:
     """Write `leanvlm.json` with `body` plus format, schema version and checksums of the files there now."""
     manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **body, "files": file_checksums(directory)}
-    path = directory / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return replace_manifest(directory, manifest)
+
+
+def replace_manifest(directory: Path, data: dict) -> Path:
+    """Write a complete manifest atomically (a temporary sibling renamed over it): a reader sees the old
+    manifest or the new one, never half of one."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -69,14 +69,27 @@ class Backend(ABC):
 _REGISTRY: dict[str, str | type[Backend]] = {
     "onnxruntime": "leanvlm.runtime.backends.onnxruntime:OrtBackend",
     "torch": "leanvlm.runtime.backends.torch:TorchBackend",
+    "tensorrt": "leanvlm.runtime.backends.tensorrt:TensorRTBackend",
 }
+# Modules a backend needs beyond leanvlm's own dependencies (its class still imports without them and refuses
+# to open an engine with a message saying how to install them).
+_REQUIRES: dict[str, tuple[str, ...]] = {"tensorrt": ("tensorrt",)}
 
 
-def register_backend(name: str, target: str | type[Backend]) -> None:
-    """Add a backend under `name`: a Backend subclass or its "module:Class" path (imported when first used)."""
+def register_backend(name: str, target: str | type[Backend], requires: tuple[str, ...] = ()) -> None:
+    """Add a backend under `name`: a Backend subclass or its "module:Class" path (imported when first used);
+    `requires`: modules it needs that may be absent (see backend_available)."""
     if not isinstance(name, str) or not name:
         raise ValueError("a backend needs a non-empty name")
     _REGISTRY[name] = target
+    _REQUIRES[name] = tuple(requires)
+
+
+def backend_available(name: str) -> bool:
+    """Whether the modules `name` needs are installed here (not whether a GPU is present)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in _REQUIRES.get(name, ()))
 
 
 def backend_names() -> tuple[str, ...]:
