@@ -398,10 +398,7 @@ def _bundle(args: argparse.Namespace) -> int:
     from leanvlm.engines.jetson_bundle import make_bundle
     from leanvlm.engines.trt_targets import get_target
 
-    target = get_target(args.target)
-    if target is None:
-        raise UserError("--target trt is this machine's GPU; a bundle is for a Jetson: choose jetson-orin-jp6 or "
-                        "jetson-thor-jp7")
+    target = get_target(args.target)  # argparse offers the Jetson targets only
     res = make_bundle(args.engine, target, args.out, max_batch=args.max_batch, max_prompt=args.max_prompt,
                       max_new_tokens=args.max_new_tokens, workspace_gib=args.workspace, force=args.force)
     est = res.estimate
