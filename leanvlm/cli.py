@@ -369,6 +369,7 @@ def _build_trt(args: argparse.Namespace) -> int:
 
     target = get_target(args.target)
     spec = load_engine_spec(args.engine)
+    workspace = args.workspace if args.workspace is not None or target is None else target.workspace_gib
     if args.print_trtexec:
         if target is None:
             try:
@@ -377,7 +378,7 @@ def _build_trt(args: argparse.Namespace) -> int:
                 target = Target("trt", "this GPU (not detected)", sm="${SM}", tensorrt="${TRT_VERSION}", cuda="")
     else:
         target = trt_build.resolve_target(target)
-    plan = trt_build.plan_build(spec, target, args.precision, args.workspace, args.timing_cache, args.builder_level,
+    plan = trt_build.plan_build(spec, target, args.precision, workspace, args.timing_cache, args.builder_level,
                                 args.max_batch, args.max_prompt, args.max_new_tokens, args.opt_batch, args.opt_prompt)
     if args.print_trtexec:
         print("\n".join(trt_build.trtexec_commands(plan)))
@@ -425,7 +426,8 @@ def _add_trt_commands(sub) -> None:
         p.add_argument("--max-prompt", type=int, help="longest prompt in tokens (default: the engine's)")
         p.add_argument("--max-new-tokens", type=int, help="most generated tokens (default: the engine's)")
         p.add_argument("--workspace", type=_positive_float, metavar="GiB",
-                       help="cap on TensorRT's builder workspace memory pool, in GiB")
+                       help="cap on TensorRT's builder workspace memory pool, in GiB (default: TensorRT's, or the "
+                            "Jetson target's cap: 1 on Orin, 4 on Thor)")
 
     b = sub.add_parser("build", help="build TensorRT plans for an engine on this GPU (or print trtexec commands)")
     b.add_argument("engine", type=Path, help="engine directory made by export-engine")

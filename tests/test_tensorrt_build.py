@@ -432,6 +432,17 @@ def test_lint_rules_follow_the_tensorrt_release(tmp_path):
     assert "RMSNormalization" in PARSER_11.ops and "RMSNormalization" not in PARSER_10_3.ops
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_passes_both_parser_releases_and_plans_for_orin(engines, method):
+    """K of every TopK is a constant (iLLaVA's merges and VisionZip's contextual split once traced to Shape
+    arithmetic and NonZero), so every preset can be built."""
+    result = engines(0.33, method=method)
+    assert result.manifest["export"]["trt_lint"] == []
+    for rules in (PARSER_10_3, PARSER_11):
+        assert [str(i) for g in names.GRAPH_NAMES for i in lint_onnx(result.out / f"{g}.onnx", rules=rules)] == []
+    assert len(trt_build.plan_build(load_engine_spec(result.out), ORIN).graphs) == 4
+
+
 def test_asymmetric_int8_engine_lint_names_its_qdq_nodes(engines):
     out = engines(0.33, method="pdrop", precision="int8", calib_data="shapes", calib_n=16).out
     issues = lint_onnx(out / "decode.onnx")

@@ -219,11 +219,10 @@ def run_build(plan: BuildPlan, on_step=lambda msg: None) -> dict:
     """Build every graph's plan, then record the build in the manifest; returns the record. Staged in a
     temporary sibling directory: on any failure nothing under trt/ or in the manifest changes."""
     trt = import_tensorrt()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-
     root = plan.engine_dir
     final = root / plan.out_rel
     stage = root / TRT_DIR / f".tmp-{plan.dir_name}-{os.getpid()}"
+    made_trt_dir = not (root / TRT_DIR).exists()
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     cache_stage = stage / "timing.cache"
@@ -240,20 +239,12 @@ def run_build(plan: BuildPlan, on_step=lambda msg: None) -> dict:
         for gb in plan.graphs:
             on_step(f"building {gb.graph} ({len(gb.profiles)} profile(s))")
             t0 = time.perf_counter()
-            profiles = []
-            for prof in gb.profiles:
-                p = Profile()
-                for name, (lo, opt, hi) in prof.items():
-                    p.add(name, lo, opt, hi)
-                profiles.append(p)
-            config = CreateConfig(
-                profiles=profiles or None,
-                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes} if plan.workspace_bytes else None,
-                load_timing_cache=str(cache_stage) if cache_stage.is_file() else None,
-                builder_optimization_level=plan.builder_level)
-            network = NetworkFromOnnxPath(str(gb.onnx), strongly_typed=True)
-            data = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache_stage))()
-            if data is None:
+            try:
+                data = _build_graph(trt, gb, plan, cache_stage)
+            except Exception as e:  # Polygraphy reports parser and builder failures as PolygraphyException
+                raise EngineError(f"TensorRT failed to build {gb.graph} ({type(e).__name__}: {e}); its log is "
+                                  "above") from e
+            if not data:
                 raise EngineError(f"TensorRT failed to build {gb.graph} (see its log above)")
             out = stage / f"{gb.graph}.plan"
             with open(out, "wb") as f:
@@ -270,8 +261,30 @@ def run_build(plan: BuildPlan, on_step=lambda msg: None) -> dict:
         _install(stage, final, cache_stage, plan.timing_cache, root, record)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        if made_trt_dir and not any((root / TRT_DIR).iterdir()):
+            (root / TRT_DIR).rmdir()
         raise
     return record
+
+
+def _build_graph(trt, gb: GraphBuild, plan: BuildPlan, timing_cache: Path):
+    """One graph's serialized plan (a buffer), built with Polygraphy's loaders; the timing cache is read from
+    and saved to `timing_cache`."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profiles = []
+    for prof in gb.profiles:
+        p = Profile()
+        for name, (lo, opt, hi) in prof.items():
+            p.add(name, lo, opt, hi)
+        profiles.append(p)
+    config = CreateConfig(
+        profiles=profiles or None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes} if plan.workspace_bytes else None,
+        load_timing_cache=str(timing_cache) if timing_cache.is_file() else None,
+        builder_optimization_level=plan.builder_level)
+    network = NetworkFromOnnxPath(str(gb.onnx), strongly_typed=True)
+    return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(timing_cache))()
 
 
 def _install(stage: Path, final: Path, cache_stage: Path, cache: Path, root: Path, record: dict) -> None:

@@ -9,12 +9,14 @@ from leanvlm.reduction.select import gather_tokens, select_top
 
 
 def complement(indices: torch.Tensor, n: int) -> torch.Tensor:
-    """Ascending indices in [0, n) that are not in `indices` [B, m] (distinct) -> [B, n - m]."""
+    """Ascending indices in [0, n) that are not in `indices` [B, m] (distinct) -> [B, n - m]. n and m are taken
+    as Python ints so the traced TopK's K is a constant, not Shape arithmetic (TensorRT wants K fixed at build)."""
+    n, m = int(n), int(indices.shape[1])
     j = torch.arange(n, device=indices.device)
     hit = (j[None, :, None] == indices[:, None, :]).any(-1)
     # larger key for smaller free index; taken indices sink below every free one
     key = torch.where(hit, torch.full_like(hit, -1, dtype=torch.float32), (n - j).to(torch.float32)[None])
-    return torch.topk(key, n - indices.shape[1], dim=1).indices
+    return torch.topk(key, n - m, dim=1).indices
 
 
 def rank_weighted_merge(x: torch.Tensor, scores: torch.Tensor, r: int):
@@ -27,9 +29,10 @@ def rank_weighted_merge(x: torch.Tensor, scores: torch.Tensor, r: int):
     weights = torch.arange(r + 1, 0, -1, device=x.device, dtype=x.dtype)
     merged = (gather_tokens(x, low) * weights[None, :, None]).sum(1) / weights.sum()
     target = low[:, r]
-    j = torch.arange(x.shape[1], device=x.device)
+    n = int(x.shape[1])  # a build-time constant (see complement)
+    j = torch.arange(n, device=x.device)
     x = torch.where((j[None, :] == target[:, None])[..., None], merged[:, None, :], x)
-    return x, complement(low[:, :r], x.shape[1]), target
+    return x, complement(low[:, :r], n), target
 
 
 def visionzip(h: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
@@ -48,9 +51,9 @@ def visionzip(h: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, 
     if contextual:
         m = n - dominant
         t_pos = contextual_targets(m, contextual)
-        o_mask = torch.ones(m, dtype=torch.bool)
-        o_mask[t_pos] = False
-        o_pos = torch.arange(m)[o_mask]
+        # built in Python: a boolean-mask index would trace to NonZero, which TensorRT cannot size at build time
+        taken = set(t_pos.tolist())
+        o_pos = torch.tensor([i for i in range(m) if i not in taken], dtype=torch.int64)
         targets, others = rest[:, t_pos.to(rest.device)], rest[:, o_pos.to(rest.device)]
         k = keys / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         sim = torch.matmul(gather_tokens(k, others), gather_tokens(k, targets).transpose(1, 2))  # [B, O, C]

@@ -130,7 +130,7 @@ class ReducedLlava(nn.Module):
     def _vit_merge(h, probs, origin, num_keep: int, zip_inputs):
         """iLLaVA's ViT merge of the patch tokens down to num_keep; CLS stays first."""
         received = probs.mean(1).mean(1)[:, 1:]  # attention each patch receives: mean over heads, queries
-        patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, origin.shape[1] - num_keep)
+        patches, keep, target = merge.rank_weighted_merge(h[:, 1:], received, int(origin.shape[1]) - num_keep)
         h = torch.cat([h[:, :1], select.gather_tokens(patches, keep)], 1)
         if zip_inputs is not None:  # merged in the feature layer too: survivors keep their own score, key
             zip_inputs = (torch.gather(zip_inputs[0], 1, keep), select.gather_tokens(zip_inputs[1], keep))

@@ -49,15 +49,12 @@ class TensorRTBackend(Backend):
         except ImportError:
             raise UserError("the tensorrt backend keeps its device buffers in torch CUDA tensors: install torch "
                             "with CUDA (on a Jetson: NVIDIA's JetPack wheel)") from None
-        if not torch.cuda.is_available():
-            raise UserError("the tensorrt backend needs a CUDA GPU; torch sees none here")
         super().__init__(spec)
         self.trt, self.torch = trt, torch
-        self.device = torch.device("cuda", device)
-        sm = "{}.{}".format(*torch.cuda.get_device_capability(self.device))
+        self.device = self._torch_device(device)
         from leanvlm.engines.trt_targets import device_target
 
-        here = device_target(trt.__version__, sm, torch.cuda.get_device_name(self.device))
+        here = device_target(trt.__version__, *self._capability())
         self.record = trt_build.select_build(spec, here)  # refuses a foreign plan before deserializing it
         self.limits = self.record.get("limits", {})
         self.lock = threading.Lock()
@@ -73,7 +70,8 @@ class TensorRTBackend(Backend):
             self.engines[graph] = engine
             for p in range(engine.num_optimization_profiles):
                 ctx = engine.create_execution_context()
-                ctx.set_optimization_profile_async(p, self._stream().cuda_stream)
+                if ctx is None or not ctx.set_optimization_profile_async(p, self._stream().cuda_stream):
+                    raise EngineError(f"{path}: TensorRT could not open an execution context for profile {p}")
                 self.contexts[(graph, p)] = ctx
         self.io = {g: self._io(e) for g, e in self.engines.items()}
         m = spec.model
@@ -85,9 +83,24 @@ class TensorRTBackend(Backend):
                       for i in range(self.num_layers)]
         self._scratch = torch.empty(1, dtype=torch.uint8, device=self.device)  # address of empty tensors
 
-    # ---- plumbing ----------------------------------------------------------------------------------
+    # ---- the CUDA specifics (four methods, so the rest can be exercised off-GPU; see tests) -------------
+    def _torch_device(self, index: int):
+        if not self.torch.cuda.is_available():
+            raise UserError("the tensorrt backend needs a CUDA GPU; torch sees none here")
+        return self.torch.device("cuda", index)
+
+    def _capability(self) -> tuple[str, str]:
+        """(compute capability "8.7", GPU name) of the backend's device."""
+        cuda = self.torch.cuda
+        return "{}.{}".format(*cuda.get_device_capability(self.device)), cuda.get_device_name(self.device)
+
     def _stream(self):
         return self.torch.cuda.current_stream(self.device)
+
+    def synchronize(self) -> None:
+        self.torch.cuda.synchronize(self.device)
+
+    # ---- plumbing ----------------------------------------------------------------------------------
 
     def _io(self, engine) -> dict:
         """name -> (is_input, torch dtype) for every IO tensor of an engine."""
@@ -131,7 +144,8 @@ class TensorRTBackend(Backend):
                     raise EngineError(f"{graph}: the plan wants input {name}, which the runtime does not feed")
                 t = self._device(feed[name], dtype)
                 self._check_shape(graph, profile, name, tuple(t.shape))
-                ctx.set_input_shape(name, tuple(t.shape))
+                if not ctx.set_input_shape(name, tuple(t.shape)):
+                    raise EngineError(f"{graph}: TensorRT refused shape {tuple(t.shape)} for input {name}")
                 ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._scratch.data_ptr())
                 bound[name] = t  # keep alive until the stream has run
             out = {}
@@ -186,10 +200,7 @@ class TensorRTBackend(Backend):
         out = self._run("decode", feed, "decode")
         return self._host(out[names.LOGITS]), [(out[k], out[v]) for k, v in self._present]
 
-    def synchronize(self) -> None:
-        self.torch.cuda.synchronize(self.device)
-
     def close(self) -> None:
         if getattr(self, "engines", None):
-            self.torch.cuda.synchronize(self.device)
+            self.synchronize()
         self.contexts, self.engines = {}, {}
