@@ -396,7 +396,7 @@ def _build_trt(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from leanvlm.engines.jetson_bundle import make_bundle
+    from leanvlm.engines.jetson_bundle import fits, make_bundle
     from leanvlm.engines.trt_targets import get_target
 
     target = get_target(args.target)  # argparse offers the Jetson targets only
@@ -405,6 +405,9 @@ def _bundle(args: argparse.Namespace) -> int:
     est = res.estimate
     print(f"bundle for {target.name} written to {res.out} ({len(res.files)} files); estimated device memory "
           f"{_human(est['total_bytes'])} (+{est['reserved_gib']} GiB OS/CUDA)")
+    if not fits(est, target):
+        print(f"warning: that exceeds the smallest {target.name} module ({target.min_memory_gib} GB): lower "
+              "--max-batch/--max-prompt, use a smaller precision or model, or a larger module", file=sys.stderr)
     return 0
 
 

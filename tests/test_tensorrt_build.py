@@ -340,6 +340,20 @@ def test_bundle_holds_the_graphs_tokenizer_script_and_checksums(bundle):
     assert "Fits the smallest jetson-orin-jp6 module (8 GB)" in (root / "README-device.md").read_text()
 
 
+def test_memory_estimate_counts_the_decoder_twice_and_the_kv_cache(engines):
+    from leanvlm.engines.jetson_bundle import fits, memory_estimate
+
+    spec = load_engine_spec(engines(0.33).out)
+    gb = 1 << 30
+    big = {"export": {"graph_weight_bytes": {"vision": gb // 2, "embed": gb // 4, "prefill": 3 * gb, "decode": 3 * gb}}}
+    est = memory_estimate(spec, big, 1, 600, 64, 1.0)
+    m = spec.model
+    kv = sum(2 * len(g.layers) * m.num_kv_heads * m.head_dim * 4 * (600 - (m.num_image_tokens - g.image_tokens) + 64)
+             for g in spec.cache_groups)
+    assert est["kv_cache_bytes"] == kv and est["total_bytes"] == 6.75 * gb + kv + gb
+    assert not fits(est, ORIN) and fits(est, THOR)
+
+
 def _run_script(root: Path, *args):
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(root)}
     return subprocess.run(["bash", str(root / "build.sh"), *args], cwd=root.parent, env=env, capture_output=True,

@@ -84,6 +84,11 @@ def memory_estimate(spec: EngineSpec, data: dict, max_batch: int, max_prompt: in
             "total_bytes": total, "reserved_gib": RESERVED_GIB}
 
 
+def fits(estimate: dict, target: Target) -> bool:
+    """Whether the estimate plus the OS/CUDA reserve fits the target family's smallest module."""
+    return estimate["total_bytes"] / (1 << 30) + estimate["reserved_gib"] <= target.min_memory_gib
+
+
 def make_bundle(engine_dir: str | Path, target: Target, out: str | Path, max_batch: int | None = 1,
                 max_prompt: int | None = None, max_new_tokens: int | None = None, workspace_gib: float | None = None,
                 force: bool = False) -> BundleResult:
@@ -267,7 +272,6 @@ def _readme(name: str, target: Target, lim, plan, est: dict) -> str:
     def gib(b: float) -> str:
         return f"{b / (1 << 30):.2f} GiB" if b >= 1 << 30 else f"{b / (1 << 20):.1f} MiB"
 
-    fits = est["total_bytes"] / (1 << 30) + RESERVED_GIB <= target.min_memory_gib
     return f"""# {name}: on the device
 
 Target: {target.description} (SM {target.sm}, TensorRT {target.tensorrt}, CUDA {target.cuda}).
@@ -293,7 +297,7 @@ new tokens, builder workspace capped at {gib(plan.workspace_bytes)} (WORKSPACE_G
 
 Memory estimate at these limits: plans {gib(est['plan_weight_bytes'])} (prefill and decode plans each hold the
 decoder weights), KV cache {gib(est['kv_cache_bytes'])}, workspace {gib(est['workspace_bytes'])}: {gib(est['total_bytes'])} plus about
-{RESERVED_GIB} GiB for the OS and CUDA. {'Fits' if fits else 'Does NOT fit'} the smallest {target.name} module ({target.min_memory_gib} GB).
+{RESERVED_GIB} GiB for the OS and CUDA. {'Fits' if fits(est, target) else 'Does NOT fit'} the smallest {target.name} module ({target.min_memory_gib} GB).
 
 ## 3. Run
 ```
