@@ -160,7 +160,8 @@ def test_trtexec_commands_match_the_profiles(engines):
         maxs = [a.split("=", 1)[1] for a in argv if a.startswith("--maxShapes=")]
         assert len(mins) == len(maxs) == len(profiles)
         for spec_text, prof in zip(maxs, profiles):
-            parsed = {k: tuple(int(d) for d in v.split("x")) for k, v in (kv.rsplit(":", 1) for kv in spec_text.split(","))}
+            pairs = (kv.rsplit(":", 1) for kv in spec_text.split(","))
+            parsed = {k: tuple(int(d) for d in v.split("x")) for k, v in pairs}
             assert parsed == {k: v[2] for k, v in prof.items()}
     assert [a for a in cmds["embed"] if a.startswith("--profile=")] == ["--profile=0", "--profile=1"]
     assert not any(a.startswith("--profile=") for a in cmds["decode"])
@@ -179,7 +180,8 @@ def test_print_trtexec_without_a_gpu_names_the_device_by_variables(engines, caps
 def test_target_table_refuses_what_the_gpu_cannot_run():
     assert ORIN.precisions() == ["fp32", "fp16", "bf16", "int8"] == THOR.precisions()
     assert "fp8" not in ARCHS["8.7"].types and {"fp8", "fp4"} <= set(ARCHS["11.0"].types)
-    with pytest.raises(UserError, match=r"jetson-orin-jp6: precision int4 .*MatMulNBits.* builds fp32, fp16, bf16, int8"):
+    with pytest.raises(UserError, match=r"jetson-orin-jp6: precision int4 .*MatMulNBits.* builds fp32, fp16, bf16, "
+                                        r"int8"):
         ORIN.check_precision("int4")
     turing = device_target("10.3.0.30", "7.5", "T4")
     with pytest.raises(UserError, match=r"SM 7.5 .* no bf16 .*builds fp32, fp16, int8"):
@@ -278,7 +280,8 @@ def test_plans_for_another_gpu_or_tensorrt_are_refused_with_rebuild_advice(engin
     for device, why in ((device_target("10.3.0", "8.9"), "built for SM 8.7, this GPU is SM 8.9"),
                         (device_target("10.4.0", "8.7"), "built with TensorRT 10.3.0.30, this machine has 10.4.0"),
                         (device_target("11.4.0", "11.0"), "SM 8.7.*TensorRT 10.3.0.30")):
-        with pytest.raises(EngineError, match=f"{why}.*rebuild on this device: leanvlm build {engine_copy} --target trt"):
+        with pytest.raises(EngineError, match=f"{why}.*rebuild on this device: leanvlm build {engine_copy} "
+                                              "--target trt"):
             trt_build.select_build(spec, device)
 
 
@@ -393,7 +396,8 @@ def test_bundle_cli_refuses_bad_input(engine_copy, tmp_path, capsys):
     assert main([*base, "--target", "jetson-orin-jp6", "--out", str(tmp_path / "a.tar.gz"), "--workspace", "9"]) == 2
     assert main([*base, "--target", "jetson-orin-jp6", "--out", str(tmp_path / "a.tar.gz"), "--max-batch", "99"]) == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'trt' (choose from 'jetson-orin-jp6', 'jetson-thor-jp7')" in err and "name a .tar.gz" in err and "--workspace 9" in err
+    assert "invalid choice: 'trt' (choose from 'jetson-orin-jp6', 'jetson-thor-jp7')" in err
+    assert "name a .tar.gz" in err and "--workspace 9" in err
     assert not list(tmp_path.glob("*.tar.gz")) and not list(tmp_path.glob(".bundle-*"))
     out = tmp_path / "a.tar.gz"
     assert main([*base, "--target", "jetson-thor-jp7", "--out", str(out)]) == 0

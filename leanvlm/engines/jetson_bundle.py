@@ -19,7 +19,6 @@ Written to a temporary sibling of --out and renamed into place.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -147,7 +146,8 @@ def _write_tree(root: Path, engine_dir: Path, data: dict, target: Target, plan, 
     manifest["artifacts"] = artifacts
     (eng / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     src = Path(leanvlm.__file__).parent
-    shutil.copytree(src, root / "python" / "leanvlm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.safetensors"))
+    shutil.copytree(src, root / "python" / "leanvlm",  # the built-in checkpoints' weights are not needed there
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.safetensors"))
     # trtexec lines relative to the bundle's engine directory, for devices without TensorRT's Python module
     rel_plan = trt_build.BuildPlan(Path("$ENGINE"), plan.target, plan.precision, plan.dir_name, plan.limits,
                                    plan.workspace_bytes, Path("$ENGINE") / plan.timing_cache.relative_to(engine_dir)
@@ -292,17 +292,19 @@ the `tensorrt` backend, whose device buffers are torch CUDA tensors; the `onnxru
 ```
 `build.sh` verifies SHA256SUMS, then runs `leanvlm build` (TensorRT's Python module + Polygraphy), or trtexec
 if the Python module is missing (those plans carry no build record, so only your own runtime loads them).
-Profiles are tight for unified memory: batch <= {lim.max_batch}, prompt <= {lim.max_prompt} tokens, <= {lim.max_new_tokens}
-new tokens, builder workspace capped at {gib(plan.workspace_bytes)} (WORKSPACE_GIB overrides).
+Profiles are tight for unified memory: batch <= {lim.max_batch}, prompt <= {lim.max_prompt} tokens,
+<= {lim.max_new_tokens} new tokens, builder workspace capped at {gib(plan.workspace_bytes)} (WORKSPACE_GIB overrides).
 
 Memory estimate at these limits: plans {gib(est['plan_weight_bytes'])} (prefill and decode plans each hold the
-decoder weights), KV cache {gib(est['kv_cache_bytes'])}, workspace {gib(est['workspace_bytes'])}: {gib(est['total_bytes'])} plus about
-{RESERVED_GIB} GiB for the OS and CUDA. {'Fits' if fits(est, target) else 'Does NOT fit'} the smallest {target.name} module ({target.min_memory_gib} GB).
+decoder weights), KV cache {gib(est['kv_cache_bytes'])}, workspace {gib(est['workspace_bytes'])}:
+{gib(est['total_bytes'])} plus about {RESERVED_GIB} GiB for the OS and CUDA.
+{'Fits' if fits(est, target) else 'Does NOT fit'} the smallest {target.name} module ({target.min_memory_gib} GB).
 
 ## 3. Run
 ```
-PYTHONPATH=$PWD/python python3 -m leanvlm.cli generate engine --backend tensorrt --image cat.jpg --prompt "What is this?"
-PYTHONPATH=$PWD/python python3 -m leanvlm.cli generate engine --backend onnxruntime ...   # no TensorRT build needed
+export PYTHONPATH=$PWD/python   # unless leanvlm is installed
+python3 -m leanvlm.cli generate engine --backend tensorrt --image cat.jpg --prompt "What is this?"
+python3 -m leanvlm.cli generate engine --backend onnxruntime ...   # no TensorRT build needed
 ```
 The tensorrt backend loads the plans recorded for this GPU and TensorRT release and refuses others (rebuild here).
 """

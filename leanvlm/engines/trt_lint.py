@@ -111,8 +111,9 @@ def _qdq_issues(model, g: str, rules: ParserRules, constants: set, const_values:
         if node.op_type == "QuantizeLinear":
             bad = [c for c in consumers.get(node.output[0], []) if c.op_type != "DequantizeLinear"]
             if bad:
-                issues.append(LintIssue(g, node.name, node.op_type, f"feeds {bad[0].op_type} {bad[0].name!r}; TensorRT's "
-                                        "explicit quantization needs QuantizeLinear -> DequantizeLinear pairs"))
+                issues.append(LintIssue(g, node.name, node.op_type,
+                                        f"feeds {bad[0].op_type} {bad[0].name!r}; TensorRT's explicit quantization "
+                                        "needs QuantizeLinear -> DequantizeLinear pairs"))
         # An activation Q/DQ on the reduction path would make TensorRT run token scores in int8 (a weight's DQ
         # shared with a score projection only rounds that weight, as in ONNX Runtime).
         activation = node.input[0] not in constants

@@ -51,8 +51,9 @@ _BASE_OPS = frozenset("""
 Abs Add And ArgMax ArgMin Cast Ceil Clip Concat Constant ConstantOfShape Conv Cos CumSum Div Einsum Equal Erf Exp
 Expand Flatten Floor Gather GatherElements GatherND Gemm Greater GreaterOrEqual Identity If LayerNormalization Less
 LessOrEqual Log LogSoftmax MatMul Max Min Mul Neg Not Or Pad Pow Range ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax
-ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin Slice Softmax Split Sqrt Squeeze Sub Sum
-Tanh Tile TopK Transpose Unsqueeze Where Xor Gelu Reciprocal Mod IsNaN IsInf QuantizeLinear DequantizeLinear
+ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape ScatterElements ScatterND Shape Sigmoid Sign Sin
+Slice Softmax Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze Where Xor Gelu Reciprocal Mod IsNaN IsInf
+QuantizeLinear DequantizeLinear
 """.split())
 
 
