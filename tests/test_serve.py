@@ -1,0 +1,202 @@
+"""The OpenAI-compatible server: a real uvicorn server on 127.0.0.1 and the official `openai` client.
+Greedy answers of concurrent requests equal the same requests run alone through Pipeline; bad requests get
+their status while good ones running next to them succeed."""
+
+import base64
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import PROMPTS, images
+from leanvlm import Pipeline
+from leanvlm.serve import ServeOptions, create_app
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class UvicornThread:
+    """A real uvicorn server on a free local port, in a thread of this process."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def pipe(engines):
+    return Pipeline.load(engines(0.33).out)
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    srv = UvicornThread(create_app(pipe, ServeOptions(max_batch=4, max_queue=16, api_key=KEY, model_name="m")))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def user(text: str, *urls: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         *[{"type": "image_url", "image_url": {"url": u}} for u in urls]]}]
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG whose header claims 900 megapixels in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_chat_completion_with_image(client, pipe):
+    img = images(1)[0]
+    res = client.chat.completions.create(model="m", messages=user(PROMPTS[0], data_url(png(img))), max_tokens=12,
+                                         temperature=0)
+    solo = pipe.generate(image=img, prompt=PROMPTS[0], max_new_tokens=12)
+    assert res.choices[0].message.content == solo.text and res.choices[0].message.role == "assistant"
+    assert res.choices[0].finish_reason == {"eos": "stop", "length": "length"}[solo.finish_reason]
+    u = res.usage
+    assert (u.prompt_tokens, u.completion_tokens) == (len(solo.prompt_token_ids), len(solo.token_ids))
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    d = u.prompt_tokens_details
+    assert (d.image_tokens, d.model_extra["image_tokens_kept"]) == (64, 21)
+
+
+def test_streaming_chunks_join_to_the_answer(client, pipe):
+    img = images(2)[1]
+    stream = client.chat.completions.create(model="m", messages=user(PROMPTS[1], data_url(png(img))), max_tokens=20,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    solo = pipe.generate(image=img, prompt=PROMPTS[1], max_new_tokens=20)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == solo.text and len([p for p in pieces if p]) > 1
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [{"eos": "stop", "length": "length"}[solo.finish_reason]]
+    assert chunks[-1].usage.completion_tokens == len(solo.token_ids) and not chunks[-1].choices
+
+
+def test_concurrent_good_and_bad_requests(server, client, pipe, engines):
+    imgs = images(3)
+    good = [(imgs[i % 3], PROMPTS[i % 3], 8 + 4 * i) for i in range(6)]
+    expected = [pipe.generate(image=im, prompt=p, max_new_tokens=n).text for im, p, n in good]
+    ok_url = data_url(png(imgs[0]))
+    bad = {
+        "no image": (400, dict(messages=[{"role": "user", "content": "Hi"}])),
+        "two images": (400, dict(messages=user("Hi", ok_url, ok_url))),
+        "broken base64": (400, dict(messages=user("Hi", "data:image/png;base64,iVBOR%%%w0KGgo"))),
+        "not an image": (400, dict(messages=user("Hi", data_url(b"GIF89a-not-really")))),
+        "decompression bomb": (413, dict(messages=user("Hi", data_url(bomb_png())))),
+        "prompt past the limit": (400, dict(messages=user("shape " * 700, ok_url))),
+        "max_tokens past the limit": (400, dict(messages=user("Hi", ok_url), max_tokens=100000)),
+        "http url not allowed": (400, dict(messages=user("Hi", "http://127.0.0.1:9/x.png"))),
+        "unknown model": (404, dict(messages=user("Hi", ok_url), model="other")),
+        "wrong key": (401, dict(messages=user("Hi", ok_url))),
+    }
+
+    def run_good(job):
+        im, p, n = job
+        r = client.chat.completions.create(model="m", messages=user(p, data_url(png(im))), max_tokens=n, temperature=0)
+        return r.choices[0].message.content
+
+    def run_bad(name):
+        status, kw = bad[name]
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="nope" if name == "wrong key" else KEY, timeout=60,
+                          max_retries=0)
+        try:
+            c.chat.completions.create(**{"model": "m", "temperature": 0, "max_tokens": 4, **kw})
+        except openai.APIStatusError as e:
+            return e.status_code, e.body
+        return 200, None
+
+    with ThreadPoolExecutor(16) as pool:
+        good_f = [pool.submit(run_good, j) for j in good]
+        bad_f = {name: pool.submit(run_bad, name) for name in bad}
+        answers = [f.result(timeout=300) for f in good_f]
+        statuses = {name: f.result(timeout=300) for name, f in bad_f.items()}
+    assert answers == expected
+    for name, (status, body) in statuses.items():
+        assert status == bad[name][0], (name, status, body)
+        assert body["message"] and body["type"], (name, body)  # an OpenAI error object
+    assert statuses["prompt past the limit"][1]["code"] == "context_length_exceeded"
+    assert "exactly one image" in statuses["two images"][1]["message"]
+    metrics = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'leanvlm_requests_total{status="400"}' in metrics and "leanvlm_time_to_first_token_seconds_bucket" in metrics
+    assert "leanvlm_batch_occupancy" in metrics and "leanvlm_queue_depth" in metrics
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line[:1] != "#"}
+    steps = values["leanvlm_decode_step_requests_count"]
+    assert steps > values['leanvlm_decode_step_requests_bucket{le="1.0"}']  # some steps decoded several requests
+    health = httpx.get(server.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["max_batch"] == 4
+
+
+def test_models_and_key_check(server, client):
+    assert [m.id for m in client.models.list().data] == ["m"]
+    r = httpx.get(server.url + "/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    big = b"x" * (33 << 20)
+    r = httpx.post(server.url + "/v1/chat/completions", content=big, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413
+
+
+def test_full_queue_answers_429(pipe):
+    srv = UvicornThread(create_app(pipe, ServeOptions(max_batch=1, max_queue=0)))
+    try:
+        sched = srv.server.config.app.state.scheduler
+        hold = sched.submit(pipe.preprocess.prepare(images(1)[0], "Hi"),
+                            pipe.params(max_new_tokens=250, ignore_eos=True))  # occupies the only slot
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=60, max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model=srv.server.config.app.state.pipeline.spec.directory.name,
+                                      messages=user("Hi", data_url(png(images(1)[0]))), max_tokens=2)
+        assert e.value.body["code"] == "queue_full"
+        hold.cancel()
+        assert [ev for ev in hold.events(timeout=30)][-1].finish_reason == "cancelled"
+    finally:
+        srv.close()
