@@ -49,7 +49,7 @@ def test_requests_joining_a_running_batch_match_alone(pipe):
     for (text, final), exp in zip(texts, expected[1:]):
         assert text == exp.text and final.finish_reason == exp.finish_reason
         assert final.completion_tokens == len(exp.token_ids) and final.prompt_tokens == len(exp.prompt_token_ids)
-    assert sched.runner.free == 3 and sched.runner.cache.rows == 0  # every slot freed, buffers dropped
+    assert sched.runner.free == 3 and sched.runner.cache.rows == 0  # every slot freed
 
 
 def test_cancel_frees_the_slot_at_the_next_step(pipe):

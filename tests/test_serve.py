@@ -200,3 +200,38 @@ def test_full_queue_answers_429(pipe):
         assert [ev for ev in hold.events(timeout=30)][-1].finish_reason == "cancelled"
     finally:
         srv.close()
+
+
+def test_cli_serve_process(engines, tmp_path):
+    """`leanvlm serve` as a user starts it: its own process, a key, then a clean stop on SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    from leanvlm.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2  # not an engine directory: one line, exit 2
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "leanvlm.cli", "serve", str(engines(0.33).out), "--port", str(port),
+                             "--api-key", "k", "--max-batch", "2", "--log-level", "warning"],
+                            env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.3)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}, timeout=10)
+        assert models.json()["data"][0]["id"] == engines(0.33).out.name
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+    finally:
+        proc.terminate()
+        rc = proc.wait(30)
+    err = proc.stderr.read()
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit status -15)
+    assert rc in (0, -15) and "Traceback" not in err, (rc, err[-2000:])

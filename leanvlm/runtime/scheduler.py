@@ -94,10 +94,10 @@ class Ticket:
 class Scheduler:
     """Runs `pipeline` with continuous batching over up to `max_batch` slots. `max_queue` requests may wait
     for a slot; past that, submit raises QueueFullError. `on_step(rows, running)` is called after each decode
-    step (metrics)."""
+    step (metrics). At most `max_prefill` waiting requests are prefilled together between two decode steps."""
 
     def __init__(self, pipeline, max_batch: int | None = None, max_queue: int = 64, round_to: int = 32,
-                 on_step: Callable[[int, int], None] | None = None):
+                 on_step: Callable[[int, int], None] | None = None, max_prefill: int = 4):
         limit = pipeline.spec.limits.max_batch
         max_batch = limit if max_batch is None else max_batch
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= limit:
@@ -106,7 +106,10 @@ class Scheduler:
         if max_queue < 0:
             raise UserError(f"max queue {max_queue}: must be >= 0")
         self.pipeline, self.max_batch, self.max_queue = pipeline, max_batch, max_queue
-        self.prefill_batch = limit  # what the engine's graphs accept in one prefill
+        # Requests prefilled together between two decode steps. On CPU a prefill batch costs its requests' sum
+        # (per-request time flat from 1 to 4, ~15% worse at 8 on the mid engine), so small chunks lose nothing
+        # and let the running requests decode between them.
+        self.prefill_batch = max(1, min(max_prefill, limit))
         self.runner = StepRunner(pipeline, max_batch, round_to)
         self.on_step = on_step
         self._waiting: deque[Ticket] = deque()
@@ -196,7 +199,11 @@ class Scheduler:
         try:
             batch = self.pipeline.preprocess.collate([t.prepared for t in tickets])
             seqs = self.runner.start(batch, [t.params for t in tickets], [t.submitted for t in tickets], tickets)
-        except UserError as e:  # e.g. prompt + max_tokens past a cache group's capacity: only these requests
+        except Exception as e:  # e.g. prompt + max_tokens past a cache group's capacity: only these requests fail
+            if not isinstance(e, UserError):
+                log.exception("prefill failed")
+            for seq in [s for s in self.runner.running if s.tag in tickets]:
+                self.runner.finish(seq)  # slots taken before the failure
             for ticket in tickets:
                 self._send(ticket, Event(error=e))
             return
