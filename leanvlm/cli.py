@@ -384,14 +384,9 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         deploy(args.engine, args.host, args.port, args.replicas, args.backend, options, args.threads, blocking=True)
         return 0
-    from leanvlm.runtime import Pipeline
-    from leanvlm.serve import create_app
+    from leanvlm.serve import run
 
-    import uvicorn
-
-    opts = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else {}
-    app = create_app(Pipeline.load(args.engine, backend=args.backend, **opts), options)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    run(args.engine, args.host, args.port, options, args.backend, args.threads, args.log_level)
     return 0
 
 

@@ -235,3 +235,49 @@ def test_cli_serve_process(engines, tmp_path):
     err = proc.stderr.read()
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (exit status -15)
     assert rc in (0, -15) and "Traceback" not in err, (rc, err[-2000:])
+
+
+def test_http_image_urls_when_allowed(pipe):
+    """--allow-image-urls: an http URL is fetched; too big -> 413, too slow or missing -> 400, within limits."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from leanvlm.serve import Limits
+
+    img = images(1)[0]
+    files = {"/ok.png": png(img), "/big.png": b"\0" * 200_000}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow.png":
+                time.sleep(3)
+            body = files.get(self.path)
+            try:
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+            except OSError:  # the server under test gave up on the slow one
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    files_srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=files_srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files_srv.server_address[1]}"
+    srv = UvicornThread(create_app(pipe, ServeOptions(max_batch=2, model_name="m", limits=Limits(
+        allow_image_urls=True, max_image_bytes=100_000, url_timeout_s=1.0))))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", timeout=60, max_retries=0)
+        res = c.chat.completions.create(model="m", messages=user(PROMPTS[0], base + "/ok.png"), max_tokens=6,
+                                        temperature=0)
+        assert res.choices[0].message.content == pipe.generate(image=img, prompt=PROMPTS[0], max_new_tokens=6).text
+        for path, status in (("/big.png", 413), ("/missing.png", 400), ("/slow.png", 400)):
+            t0 = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as e:
+                c.chat.completions.create(model="m", messages=user("Hi", base + path), max_tokens=2)
+            assert e.value.status_code == status and time.monotonic() - t0 < 2.5, (path, e.value)
+        with pytest.raises(openai.BadRequestError):  # only http(s) and data: URLs
+            c.chat.completions.create(model="m", messages=user("Hi", "file:///etc/passwd"), max_tokens=2)
+    finally:
+        srv.close()
+        files_srv.shutdown()

@@ -4,7 +4,7 @@ streaming clients (closed loop), continuous batching (--max-batch 16) against on
 (--max-batch 1, the others queued), runs interleaved. Engines: shapes-llava FastV keep 0.33, and the mid
 preset (576 image tokens) FastV keep 0.33 and unreduced, all exported with --max-batch 16.
 
-    python tools/run_serve_benchmark.py [--work /tmp/leanvlm-serve-bench] [--clients 16] [--requests 2] [--max-tokens 128]
+    python tools/run_serve_benchmark.py [--work /tmp/leanvlm-serve-bench] [--clients 16] [--requests 1] [--max-tokens 64]
 
 Every request is greedy with the same max_tokens in both modes, so both modes generate the same tokens
 (checked: the per-request answers must be equal); tokens/s counts generated tokens over the wall time.
@@ -121,7 +121,7 @@ async def load(url: str, requests: list[dict], clients: int, max_tokens: int) ->
                                                   "stream": True, "stream_options": {"include_usage": True}})
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=clients + 4)) as client:
         await asyncio.gather(*[worker(client) for _ in range(clients)])
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "results": [results[i] for i in range(len(requests))]}
@@ -173,8 +173,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/leanvlm-serve-bench"))
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--requests", type=int, default=2, help="requests per client")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--requests", type=int, default=1, help="requests per client")
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of the server (default: all cores)")
     p.add_argument("--engines", nargs="+", default=["shapes-fastv", "mid-fastv", "mid-full"])

@@ -64,11 +64,6 @@ def select_tokens(logits: np.ndarray, params: SamplingParams, rngs: list[np.rand
     return out
 
 
-def make_rngs(params: SamplingParams, batch: int) -> list[np.random.Generator]:
-    """Every request gets its own generator from the same seed: request i of a batch samples as it would alone."""
-    return [np.random.default_rng(params.seed) for _ in range(batch)]
-
-
 def select_per_row(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
     """One token per row where each row has its own parameters (a continuous batch mixes requests); a row
     samples exactly as it would alone."""

@@ -148,6 +148,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def alive(self) -> bool:
+        """The loop runs and the engine has not failed."""
+        return self.failure is None and not self._closed and self._thread.is_alive()
+
+    @property
     def running(self) -> int:
         return len(self._tickets)
 

@@ -157,7 +157,7 @@ def create_app(pipeline, options: ServeOptions | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        ok = scheduler.failure is None and scheduler._thread.is_alive()
+        ok = scheduler.alive
         body = {"status": "ok" if ok else "unavailable", "pid": os.getpid(), "running": scheduler.running,
                 "waiting": scheduler.queue_depth, "max_batch": scheduler.max_batch}
         return JSONResponse(body, status_code=200 if ok else 503)
