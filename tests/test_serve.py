@@ -281,3 +281,29 @@ def test_http_image_urls_when_allowed(pipe):
     finally:
         srv.close()
         files_srv.shutdown()
+
+
+def test_client_gone_frees_its_slot(server, pipe):
+    """A streaming client that disconnects mid-answer: its request leaves the batch at the next step."""
+    img = images(1)[0]
+    solo = pipe.generate(image=img, prompt=PROMPTS[1], max_new_tokens=200)
+    assert solo.finish_reason == "length"  # alone it would decode all 200 tokens
+    sched = server.server.config.app.state.scheduler
+    steps0 = sched.steps
+    body = {"model": "m", "messages": user(PROMPTS[1], data_url(png(img))), "max_tokens": 200, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+            contents = 0
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    contents += 1
+                if contents >= 2:
+                    break
+            assert sched.running == 1
+    deadline = time.monotonic() + 20
+    while sched.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sched.running == 0 and sched.runner.free == sched.max_batch
+    assert sched.steps - steps0 < 150  # it stopped well before its 200 tokens

@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of the server (default: all cores)")
-    p.add_argument("--engines", nargs="+", default=["shapes-fastv", "mid-fastv", "mid-full"])
+    p.add_argument("--engines", nargs="+", default=["mid-fastv", "shapes-fastv", "mid-full"])
     p.add_argument("--reuse", action="store_true", help="keep engines already in --work")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve-cpu.json")
     args = p.parse_args()
@@ -203,10 +203,10 @@ def main() -> None:
         print(f"{name}:", flush=True)
         report["engines"][name] = {"model": specs[name][0], "keep": keep, **bench_engine(
             out, args.clients, args.clients * args.requests, args.max_tokens, args.rounds, args.threads, args.clients)}
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+        tmp = args.out.with_suffix(".tmp")  # after each engine: a long run stopped early keeps what it measured
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
