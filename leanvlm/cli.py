@@ -455,6 +455,37 @@ def _add_trt_commands(sub) -> None:
     j.set_defaults(func=_bundle)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from leanvlm.serve import Limits, ServeOptions
+
+    _quiet_transformers()
+    for flag, value, low in (("--port", args.port, 0), ("--max-queue", args.max_queue, 0),
+                             ("--max-image-bytes", args.max_image_bytes, 1), ("--replicas", args.replicas, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be >= {low}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise UserError(f"--max-batch {args.max_batch}: must be >= 1")
+    if not (args.engine / "leanvlm.json").is_file():
+        raise UserError(f"{args.engine}: not an engine directory (no leanvlm.json); make one with export-engine")
+    key = args.api_key or os.environ.get("LEANVLM_API_KEY") or None
+    options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, api_key=key, model_name=args.model_name,
+                           limits=Limits(max_image_bytes=args.max_image_bytes, allow_image_urls=args.allow_image_urls,
+                                         max_body_bytes=2 * args.max_image_bytes + (1 << 20)))
+    if args.ray:
+        from leanvlm.serve.ray_app import deploy
+
+        print(f"Ray Serve: {args.replicas} replica(s) of {args.engine} on http://{args.host}:{args.port}/v1",
+              file=sys.stderr)
+        deploy(args.engine, args.host, args.port, args.replicas, args.backend, options, args.threads, blocking=True)
+        return 0
+    from leanvlm.serve import run
+
+    run(args.engine, args.host, args.port, options, args.backend, args.threads, args.log_level)
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -549,6 +580,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)
     _add_trt_commands(sub)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (or Ray Serve replicas)")
+    sv.add_argument("engine", type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, help="decode slots (default: the engine's max batch)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past that: 429")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $LEANVLM_API_KEY; none: open)")
+    sv.add_argument("--allow-image-urls", action="store_true",
+                    help="fetch http(s) image URLs (default: data: URLs only; the server then makes outbound requests)")
+    sv.add_argument("--max-image-bytes", type=int, default=16 << 20, help="largest image a client may send")
+    sv.add_argument("--model-name", help="the model id clients send (default: the engine directory's name)")
+    sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads per replica")
+    sv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    sv.add_argument("--ray", action="store_true", help="deploy on Ray Serve (local instance, or $RAY_ADDRESS)")
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
+    _add_backend_arg(sv)
+    sv.set_defaults(func=_serve)
     return p
 
 

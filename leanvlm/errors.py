@@ -9,6 +9,10 @@ class UserError(LeanVLMError, ValueError):
     """Bad input from a user or client: the message names the input and the fix."""
 
 
+class TooLargeError(UserError):
+    """Bad input that is too large (bytes, pixels): a server answers it with 413, not 400."""
+
+
 class EngineError(LeanVLMError):
     """An engine directory that is missing, tampered with, or from an unknown format."""
 

@@ -123,7 +123,7 @@ def test_pdrop_runtime_matches_torch_and_nests_kept(pdrop_engine):
         assert x.token_ids == y.token_ids and x.kept == y.kept
         assert [len(k) for k in x.kept] == [32, 16, 8]
         assert set(x.kept[2]) <= set(x.kept[1]) <= set(x.kept[0])  # later stages choose among survivors
-    seq = max(len(r.prompt_token_ids) for r in a)
+    seq = len(a[0].prompt_token_ids)  # the request's own prompt: batch pads are not cached
     assert a[0].kv_cache["lengths"] == [seq + 31, seq - 32 + 31, seq - 48 + 31, seq - 56 + 31]
 
 

@@ -90,6 +90,7 @@ def main() -> None:
     lines += precision_sections()
     lines += gpu_section()
     lines += scale_section()
+    lines += serve_section()
     (BENCH / "README.md").write_text("\n".join(lines))
 
 
@@ -272,6 +273,36 @@ def scale_extrapolation(sc: dict) -> list[str]:
                          f"({ex['anon'] / 2**30:.1f}) | {run['total'] / 2**30:.1f} ({run['anon'] / 2**30:.1f}) | "
                          f"{prefill[0]:.0f} / {prefill[1]:.0f} |")
     return lines + [""]
+
+
+def serve_section() -> list[str]:
+    """The serving load test (serve-cpu.json): continuous batching against one request at a time."""
+    path = BENCH / "serve-cpu.json"
+    if not path.exists():
+        return []
+    sv = json.loads(path.read_text())
+    lines = ["", "## Serving load test, CPU (`serve-cpu.json`)", "",
+             f"`{sv['command']}`: a `leanvlm serve` process per run, {sv['clients']} concurrent streaming clients "
+             f"(closed loop) sending {sv['requests']} greedy chat requests (shapes-task images, max_tokens "
+             f"{sv['max_tokens']}) over HTTP; continuous batching (`--max-batch {sv['clients']}`) against one "
+             f"request at a time (`--max-batch 1`, the others queued), {sv['rounds']} interleaved round(s), "
+             "medians shown. Tokens/s counts generated tokens over the wall time; latency and time to first token "
+             "(TTFT) are per request as the client saw them, queueing included. The committed run shared this 2-core "
+             "machine with other jobs (load average 11-17 during the mid runs), so absolute times are far above an "
+             "idle machine's; only the ratio of the two modes, measured back to back, is meaningful. Shapes-llava "
+             "answers in about two tokens, so that workload is all prefill and batching cannot gain there.", "",
+             "| engine | mode | req/s | tok/s | latency p50 / p99 s | TTFT p50 / p99 s | tok/s ratio | same answers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in sv["engines"].items():
+        for mode in ("continuous", "one_at_a_time"):
+            m = e["median"][mode]
+            ratio = f"{e['tokens_per_s_ratio']:.2f}x" if mode == "continuous" else ""
+            same = ("yes" if e["same_answers_in_both_modes"] else "no") if mode == "continuous" else ""
+            lines.append(f"| {name} (prompt ~{m['mean_prompt_tokens']:.0f} tokens) | {mode.replace('_', ' ')} | "
+                         f"{m['requests_per_s']:.2f} | {m['tokens_per_s']:.1f} | {m['latency_p50_s']:.2f} / "
+                         f"{m['latency_p99_s']:.2f} | {m['ttft_p50_s']:.2f} / {m['ttft_p99_s']:.2f} | {ratio} | {same} |")
+    return lines
+
 
 if __name__ == "__main__":
     main()

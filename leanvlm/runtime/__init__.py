@@ -2,5 +2,7 @@
 
 from leanvlm.runtime.pipeline import GenerationResult, Pipeline
 from leanvlm.runtime.sampling import SamplingParams
+from leanvlm.runtime.scheduler import Scheduler
+from leanvlm.runtime.steps import StepRunner
 
-__all__ = ["GenerationResult", "Pipeline", "SamplingParams"]
+__all__ = ["GenerationResult", "Pipeline", "SamplingParams", "Scheduler", "StepRunner"]

@@ -6,7 +6,7 @@ import io
 import warnings
 from pathlib import Path
 
-from leanvlm.errors import UserError
+from leanvlm.errors import TooLargeError, UserError
 
 # A 12k x 12k photo is fine; a 100-megapixel PNG of 20 KB is a decompression bomb.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -23,7 +23,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
     if isinstance(image, (bytes, bytearray, memoryview)):
         data, name = bytes(image), "image bytes"
         if len(data) > MAX_IMAGE_BYTES:
-            raise UserError(f"{name}: {len(data)} bytes exceeds the {MAX_IMAGE_BYTES}-byte limit")
+            raise TooLargeError(f"{name}: {len(data)} bytes exceeds the {MAX_IMAGE_BYTES}-byte limit")
         source = io.BytesIO(data)
     elif isinstance(image, (str, Path)):
         path = Path(image).expanduser()
@@ -31,7 +31,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
         if not path.is_file():
             raise UserError(f"image {name}: no such file")
         if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise UserError(f"image {name}: {path.stat().st_size} bytes exceeds the {MAX_IMAGE_BYTES}-byte limit")
+            raise TooLargeError(f"image {name}: {path.stat().st_size} bytes exceeds the {MAX_IMAGE_BYTES}-byte limit")
         source = path
     else:
         raise UserError(f"image: expected a path, bytes or a PIL image, got {type(image).__name__}")
@@ -48,7 +48,7 @@ def load_image(image, max_pixels: int = DEFAULT_MAX_PIXELS):
     except UnidentifiedImageError as e:
         raise UserError(f"{name}: not a readable image (unknown or corrupt format)") from e
     except Image.DecompressionBombError as e:
-        raise UserError(f"{name}: rejected as a decompression bomb ({e})") from e
+        raise TooLargeError(f"{name}: rejected as a decompression bomb ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{name}: could not be decoded ({e}); is the file truncated?") from e
 
@@ -58,5 +58,5 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
     if w <= 0 or h <= 0:
         raise UserError(f"{name}: empty image ({w}x{h})")
     if w * h > max_pixels:
-        raise UserError(f"{name}: {w}x{h} = {w * h} pixels exceeds the {max_pixels}-pixel limit "
+        raise TooLargeError(f"{name}: {w}x{h} = {w * h} pixels exceeds the {max_pixels}-pixel limit "
                         "(decompression-bomb guard); downscale it first")

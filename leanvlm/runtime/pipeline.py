@@ -1,6 +1,7 @@
 """Pipeline: requests -> preprocess -> vision -> embed -> prefill -> decode loop -> text.
 
-A Pipeline may be shared by threads: every call keeps its own state (KV cache, sampling generators),
+Each call runs its batch through the step API (`leanvlm.runtime.steps`): requests that finish leave the
+decode batch. A Pipeline may be shared by threads: every call keeps its own state (KV cache, sampling generators),
 ONNX Runtime sessions are thread-safe for concurrent runs, and the torch backend only reads its model.
 A bad request raises UserError and leaves the Pipeline as it was.
 """
@@ -16,10 +17,10 @@ import numpy as np
 
 from leanvlm.errors import UserError
 from leanvlm.runtime.backends import Backend, make_backend
-from leanvlm.runtime.kv_cache import KVCache
-from leanvlm.runtime.preprocess import Batch, Preprocessor
+from leanvlm.runtime.preprocess import Preprocessor
 from leanvlm.runtime.processor import VLMProcessor
-from leanvlm.runtime.sampling import SamplingParams, make_rngs, select_tokens
+from leanvlm.runtime.sampling import SamplingParams
+from leanvlm.runtime.steps import Sequence, StepRunner
 from leanvlm.spec import defaults
 from leanvlm.spec.engine import EngineSpec, Limits
 from leanvlm.spec.manifest import load_engine_spec
@@ -42,43 +43,6 @@ class GenerationResult:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
                 "kept": self.kept, "merged": self.merged, "finish_reason": self.finish_reason,
                 "timings": self.timings, "kv_cache": self.kv_cache}
-
-
-class _Request:
-    """Per-request decoding state: tokens, finish, stop-string handling."""
-
-    def __init__(self, tokenizer, params: SamplingParams, eos: set[int]):
-        self.tokenizer, self.params, self.eos = tokenizer, params, eos
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-        self.text = ""
-
-    def push(self, token: int) -> None:
-        if self.finish:
-            return
-        self.tokens.append(int(token))
-        if token in self.eos and not self.params.ignore_eos:
-            self.finish = "eos"
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for s in self.params.stop:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text, self.finish = self.text[:at], "stop"
-        if not self.finish and len(self.tokens) >= self.params.max_new_tokens:
-            self.finish = "length"
-
-    def safe_text(self) -> str:
-        """Text that can be streamed now: no half-decoded character, no possible start of a stop string."""
-        if self.finish:
-            return self.text
-        text = self.text.rstrip("\ufffd")
-        hold = 0
-        for s in self.params.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        return text[: len(text) - hold]
 
 
 class Pipeline:
@@ -147,12 +111,16 @@ class Pipeline:
         requests = None
         printed = 0
         for requests in self._run([image], [prompt], self._params(sampling), live=True):
-            text = requests[0].safe_text() if isinstance(requests[0], _Request) else requests[0].text
+            text = requests[0].text.safe_text() if isinstance(requests[0], Sequence) else requests[0].text
             if len(text) > printed:
                 yield text[printed:]
                 printed = len(text)
 
     # ---- internals -------------------------------------------------------------------------
+    def params(self, **sampling) -> SamplingParams:
+        """Validated sampling parameters (the engine's limits applied), as generate() takes them."""
+        return self._params(dict(sampling))
+
     def _params(self, sampling: dict) -> SamplingParams:
         known = set(SamplingParams.__dataclass_fields__)
         unknown = set(sampling) - known
@@ -166,59 +134,36 @@ class Pipeline:
         return SamplingParams(**sampling).validate(limit)
 
     def _run(self, images: list, prompts: list[str], params: SamplingParams, live: bool = False):
-        """Yields the live _Request list after each token when `live`, and finally the results."""
+        """One batch through the step API. Yields the live Sequences after each token when `live`, and finally
+        the results. Requests that finish leave the decode batch; the others go on."""
         t0 = time.perf_counter()
         batch = self.preprocess(images, prompts)
-        be = self.backend
-        sync = be.synchronize
-        sync()
+        runner = StepRunner(self, batch.size)
         t_vision = time.perf_counter()
-        feats, v_kept, v_targets = be.vision(batch.pixel_values)
-        sync()
-        t_vision_end = time.perf_counter()
-        embeds = be.embed(batch.input_ids, feats)
-        sync()
-        t_pre = time.perf_counter()
-        logits, presents, l_kept, l_targets = be.prefill(embeds, batch.attention_mask, batch.position_ids,
-                                                         batch.image_start)
-        sync()
-        t_prefilled = time.perf_counter()
-        kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
-        cache = KVCache(self.spec, batch.size, batch.input_ids.shape[1], params.max_new_tokens, be.alloc)
-        cache.fill(presents, batch.attention_mask)
-        del presents
-        rngs = make_rngs(params, batch.size)
-        requests = [_Request(self.tokenizer, params, self.eos) for _ in range(batch.size)]
-        tokens = select_tokens(logits, params, rngs)
-        for r, t in zip(requests, tokens):
-            r.push(t)
+        seqs = runner.start(batch, [params] * batch.size, submitted=[t0] * batch.size)
         t_first = time.perf_counter()
+        for seq in seqs:
+            if seq.done:
+                runner.finish(seq)
         if live:
-            yield requests
-        position = batch.attention_mask.sum(1, keepdims=True).astype(np.int64)
-        no_image = be.empty_features(batch.size)
+            yield seqs
         steps = 0
-        while not all(r.finish for r in requests):
-            step = be.embed(tokens[:, None].astype(np.int64), no_image)
-            logits, new_kv = be.decode(step, position, cache.masks, cache.past())
-            cache.append(new_kv)
-            position += 1
+        while runner.running:
+            for seq in runner.step():
+                if seq.done:
+                    runner.finish(seq)
             steps += 1
-            tokens = select_tokens(logits, params, rngs)
-            for r, t in zip(requests, tokens):
-                r.push(t)
             if live:
-                yield requests
-        sync()
+                yield seqs
+        self.backend.synchronize()
         t_end = time.perf_counter()
         decode_s = t_end - t_first
-        timings = {"ttft_s": t_first - t0, "preprocess_s": t_vision - t0, "vision_s": t_vision_end - t_vision,
-                   "embed_s": t_pre - t_vision_end, "prefill_s": t_prefilled - t_pre,
+        decoded = sum(len(s.tokens) - 1 for s in seqs)
+        timings = {"ttft_s": t_first - t0, "preprocess_s": t_vision - t0, **runner.last_phase_s,
                    "decode_s": decode_s, "decode_steps": steps,
-                   "decode_tokens_per_s": steps * batch.size / decode_s if steps and decode_s > 0 else None,
+                   "decode_tokens_per_s": decoded / decode_s if steps and decode_s > 0 else None,
                    "total_s": t_end - t0}
-        kv = cache.stats()
-        yield [self._result(r, b, batch, kept, merged, timings, kv) for b, r in enumerate(requests)]
+        yield [self._result(s, timings) for s in seqs]
 
     def _original_indices(self, v_kept, v_targets, l_kept, l_targets):
         """Per stage (vision stages, then LLM stages): kept and merge-target indices into the original patches.
@@ -235,8 +180,8 @@ class Pipeline:
         merged = [next(targets) if st.merges else None for st in [*self.schedule.vision_stages, *self.schedule.stages]]
         return kept, merged
 
-    def _result(self, r: _Request, b: int, batch: Batch, kept, merged, timings, kv) -> GenerationResult:
-        return GenerationResult(text=r.text, token_ids=r.tokens, prompt_token_ids=batch.prompt_token_ids[b],
-                                kept=[k[b].tolist() for k in kept], finish_reason=r.finish, timings=dict(timings),
-                                kv_cache=kv, merged=[[] if m is None else m[b].tolist() for m in merged])
-
+    @staticmethod
+    def _result(seq: Sequence, timings: dict) -> GenerationResult:
+        return GenerationResult(text=seq.text.text, token_ids=list(seq.tokens), prompt_token_ids=seq.prompt_token_ids,
+                                kept=seq.kept, finish_reason=seq.finish_reason, timings=dict(timings),
+                                kv_cache=seq.kv_cache, merged=seq.merged)

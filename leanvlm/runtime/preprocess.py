@@ -29,6 +29,14 @@ class Batch:
         return int(self.input_ids.shape[0])
 
 
+@dataclass
+class Prepared:
+    """One validated request: prompt token ids (image tokens expanded) and its pixels [3, H, W]."""
+
+    token_ids: list[int]
+    pixel_values: np.ndarray
+
+
 def chat_prompt(processor, prompt: str) -> str:
     """`prompt` with one image in the checkpoint's chat template, ready for generation (a transformers
     processor or a VLMProcessor)."""
@@ -56,6 +64,30 @@ class Preprocessor:
             return prompt
         return chat_prompt(self.processor, prompt)
 
+    def prepare(self, image, prompt: str) -> Prepared:
+        """One request checked and converted: its prompt tokens (within the engine's limit) and pixels. Runs
+        before a request joins a batch, so a bad one is refused without touching the others."""
+        n_img = self.model.num_image_tokens
+        row = self.processor.token_ids(self.template(prompt), n_img)
+        if len(row) > self.limits.max_prompt:
+            raise UserError(f"prompt: {len(row)} tokens (with {n_img} image tokens) exceeds this engine's limit of "
+                            f"{self.limits.max_prompt}; shorten it or re-export with a larger --max-prompt")
+        pixels = self.processor.pixel_values([load_image(image, self.max_pixels)]).astype(self.dtype)[0]
+        return Prepared(row, pixels)
+
+    def collate(self, requests: list[Prepared]) -> Batch:
+        """Prepared requests -> one left-padded batch (dropped image tokens are then never pads)."""
+        rows = [r.token_ids for r in requests]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.processor.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for b, row in enumerate(rows):
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+        start = layout.image_starts(ids, self.model.image_token_id, self.model.num_image_tokens)
+        pixels = np.stack([r.pixel_values for r in requests])
+        return Batch(ids, mask, pixels, layout.prompt_positions(mask), start, rows)
+
     def __call__(self, images: list, prompts: list[str]) -> Batch:
         if len(images) != len(prompts):
             raise UserError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
@@ -64,20 +96,10 @@ class Preprocessor:
         if len(prompts) > self.limits.max_batch:
             raise UserError(f"batch of {len(prompts)} exceeds this engine's limit of {self.limits.max_batch} "
                             "(re-export with a larger --max-batch, or split the batch)")
-        n_img = self.model.num_image_tokens
-        rows = [self.processor.token_ids(self.template(p), n_img) for p in prompts]
-        for b, row in enumerate(rows):
-            if len(row) > self.limits.max_prompt:
-                raise UserError(f"prompt {b}: {len(row)} tokens (with {n_img} image tokens) exceeds this engine's "
-                                f"limit of {self.limits.max_prompt}; shorten it or re-export with a larger "
-                                "--max-prompt")
-        pil = [load_image(img, self.max_pixels) for img in images]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), self.processor.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for b, row in enumerate(rows):  # left padding: dropped image tokens are then never pads
-            ids[b, width - len(row):] = row
-            mask[b, width - len(row):] = 1
-        start = layout.image_starts(ids, self.model.image_token_id, n_img)
-        return Batch(ids, mask, self.processor.pixel_values(pil).astype(self.dtype), layout.prompt_positions(mask),
-                     start, rows)
+        prepared = []
+        for b, (image, prompt) in enumerate(zip(images, prompts)):
+            try:
+                prepared.append(self.prepare(image, prompt))
+            except UserError as e:
+                raise type(e)(f"request {b}: {e}" if len(prompts) > 1 else str(e)) from e
+        return self.collate(prepared)

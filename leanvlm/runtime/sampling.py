@@ -64,6 +64,11 @@ def select_tokens(logits: np.ndarray, params: SamplingParams, rngs: list[np.rand
     return out
 
 
-def make_rngs(params: SamplingParams, batch: int) -> list[np.random.Generator]:
-    """Every request gets its own generator from the same seed: request i of a batch samples as it would alone."""
-    return [np.random.default_rng(params.seed) for _ in range(batch)]
+def select_per_row(logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]) -> np.ndarray:
+    """One token per row where each row has its own parameters (a continuous batch mixes requests); a row
+    samples exactly as it would alone."""
+    out = logits.argmax(-1)
+    for b, p in enumerate(params):
+        if p.temperature != 0:
+            out[b] = select_tokens(logits[b: b + 1], p, rngs[b: b + 1])[0]
+    return out
