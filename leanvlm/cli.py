@@ -43,7 +43,9 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
                    help=f"reduction preset (default {defaults.METHOD}): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
                         "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep; illava = merges in four middle "
-                        "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM")
+                        "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM; "
+                        "adaptive = per-sample counts from the model's trained ATP modules (--keep, optional, "
+                        "sets their cap)")
     p.add_argument("--layer", type=int, default=defaults.FASTV_LAYER, help="fastv: decoder layer K at whose input "
                    f"tokens are dropped (default {defaults.FASTV_LAYER})")
     p.add_argument("--schedule", type=Path, help="YAML/JSON schedule file instead of --method/--keep")
@@ -69,6 +71,9 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                         "symmetric int8 (what TensorRT's INT8 path takes)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default=defaults.EXPORTER,
                    help="torch.onnx exporter (default torchscript: much faster to export, same graphs)")
+    p.add_argument("--static-cap", action="store_true",
+                   help="adaptive stages: always run K = cap tokens (per-sample masking only) for targets that need "
+                        "static shapes, instead of K = the batch's largest count")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -84,7 +89,8 @@ def _export(args: argparse.Namespace) -> int:
                          schedule=args.schedule, out=args.out, opset=args.opset,
                          max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
                          force=args.force, exporter=args.exporter, precision=args.precision,
-                         calib_data=args.calib_data, calib_n=args.calib_n, int8_activations=args.int8_activations)
+                         calib_data=args.calib_data, calib_n=args.calib_n, int8_activations=args.int8_activations,
+                         static_cap=args.static_cap)
     with console.status("exporting") as status:
         def on_step(msg: str) -> None:
             console.log(msg)

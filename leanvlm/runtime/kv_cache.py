@@ -19,14 +19,18 @@ class KVCache:
     """KV buffers for one batch of requests. `alloc(shape, dtype)` makes a zeroed array of the backend's kind
     (numpy for ONNX Runtime on CPU, torch tensors for the torch backend) in the engine's KV dtype."""
 
-    def __init__(self, spec: EngineSpec, batch: int, prompt_len: int, max_new_tokens: int, alloc):
+    def __init__(self, spec: EngineSpec, batch: int, prompt_len: int, max_new_tokens: int, alloc,
+                 image_tokens: list[int] | None = None):
+        """image_tokens: per group, the image tokens this batch's prefill kept when they differ from the spec's
+        (adaptive stages keep the batch's largest count, at most the group's cap)."""
         self.groups = spec.cache_groups
         self.batch = batch
         m = spec.model
         self.num_image_tokens = m.num_image_tokens  # in the LLM prompt
         self.unreduced_image_tokens = m.num_patch_tokens  # every patch (for accounting)
         self.kv_heads, self.head_dim, self.itemsize = m.num_kv_heads, m.head_dim, spec.precision.itemsize
-        self.prompt_lengths = [prompt_len - (m.num_image_tokens - g.image_tokens) for g in self.groups]
+        image_tokens = image_tokens or [g.image_tokens for g in self.groups]
+        self.prompt_lengths = [prompt_len - (m.num_image_tokens - n) for n in image_tokens]
         self.capacity = [n + max_new_tokens for n in self.prompt_lengths]
         for g, (cap, grp) in enumerate(zip(self.capacity, self.groups)):
             if cap > grp.capacity:
@@ -43,8 +47,10 @@ class KVCache:
         for mask in self.masks:
             mask[:, -1] = 1
 
-    def fill(self, presents: list[tuple], attention_mask: np.ndarray) -> None:
-        """Copy the prefill's per-layer KV into the buffers (once per request batch)."""
+    def fill(self, presents: list[tuple], attention_mask: np.ndarray, group_masks: list[np.ndarray] | None = None) -> None:
+        """Copy the prefill's per-layer KV into the buffers (once per request batch). group_masks: each group's
+        prompt mask when it is not the cut prompt mask (adaptive stages mask slots inside the image span;
+        models.layout.group_prompt_masks)."""
         for i, (k, v) in enumerate(presents):
             g = self.layer_group[i]
             n = k.shape[2]
@@ -55,7 +61,7 @@ class KVCache:
             self.values[i][:, :, :n] = v
         for g, n in enumerate(self.prompt_lengths):
             # left padding: pads stay at the front when tokens are dropped, so the cut prompt mask is exact
-            self.masks[g][:, :n] = attention_mask[:, :n]
+            self.masks[g][:, :n] = attention_mask[:, :n] if group_masks is None else group_masks[g]
             self.lengths[g] = n
 
     def append(self, new_kv: list[tuple]) -> None:

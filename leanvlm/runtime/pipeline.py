@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from leanvlm.errors import UserError
+from leanvlm.models import layout
 from leanvlm.runtime.backends import Backend, make_backend
 from leanvlm.runtime.kv_cache import KVCache
 from leanvlm.runtime.preprocess import Batch, Preprocessor
@@ -27,7 +28,8 @@ from leanvlm.spec.manifest import load_engine_spec
 
 @dataclass
 class GenerationResult:
-    """One request's output. `kept[s]` are the image-token indices stage s kept (into the original tokens)."""
+    """One request's output. `kept[s]` are the image-token indices stage s kept (into the original tokens) and
+    `kept_counts[s]` how many: per request, it varies under adaptive stages."""
 
     text: str
     token_ids: list[int]
@@ -35,12 +37,13 @@ class GenerationResult:
     kept: list[list[int]]
     finish_reason: str  # "eos", "stop" or "length"
     merged: list[list[int]] = field(default_factory=list)  # per stage: tokens that absorbed others (merges)
+    kept_counts: list[int] = field(default_factory=list)  # per stage: image tokens kept for this request
     timings: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
-                "kept": self.kept, "merged": self.merged, "finish_reason": self.finish_reason,
+                "kept": self.kept, "kept_counts": self.kept_counts, "merged": self.merged, "finish_reason": self.finish_reason,
                 "timings": self.timings, "kv_cache": self.kv_cache}
 
 
@@ -184,8 +187,15 @@ class Pipeline:
         sync()
         t_prefilled = time.perf_counter()
         kept, merged = self._original_indices(v_kept, v_targets, l_kept, l_targets)
-        cache = KVCache(self.spec, batch.size, batch.input_ids.shape[1], params.max_new_tokens, be.alloc)
-        cache.fill(presents, batch.attention_mask)
+        image_tokens = group_masks = None
+        adaptive = [st.adaptive for st in self.schedule.stages]
+        if any(adaptive):  # the batch's K per adaptive stage, and the masked slots in each group's prompt
+            n = self.spec.model.num_image_tokens
+            image_tokens = [n, *[k.shape[1] for k in l_kept]]
+            group_masks = layout.group_prompt_masks(batch.attention_mask, batch.image_start, n, l_kept, adaptive)
+        cache = KVCache(self.spec, batch.size, batch.input_ids.shape[1], params.max_new_tokens, be.alloc,
+                        image_tokens)
+        cache.fill(presents, batch.attention_mask, group_masks)
         del presents
         rngs = make_rngs(params, batch.size)
         requests = [_Request(self.tokenizer, params, self.eos) for _ in range(batch.size)]
@@ -237,6 +247,8 @@ class Pipeline:
 
     def _result(self, r: _Request, b: int, batch: Batch, kept, merged, timings, kv) -> GenerationResult:
         return GenerationResult(text=r.text, token_ids=r.tokens, prompt_token_ids=batch.prompt_token_ids[b],
-                                kept=[k[b].tolist() for k in kept], finish_reason=r.finish, timings=dict(timings),
+                                kept=[[i for i in k[b].tolist() if i >= 0] for k in kept],
+                                kept_counts=[int((k[b] >= 0).sum()) for k in kept],
+                                finish_reason=r.finish, timings=dict(timings),
                                 kv_cache=kv, merged=[[] if m is None else m[b].tolist() for m in merged])
 
