@@ -295,10 +295,21 @@ def _plan(args: argparse.Namespace) -> int:
     n_img = num_image_tokens(cfg)
     if args.schedule and args.keep is not None:
         raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
-    schedule = resolve_schedule(cfg, args.method, 1.0 if args.keep is None else args.keep, args.layer, args.schedule)
+    from leanvlm.models.loading import resolve_model
+
+    model_dir = resolve_model(args.model)
+    keep = None if args.keep is None and args.method == "adaptive" else 1.0 if args.keep is None else args.keep
+    schedule = resolve_schedule(cfg, args.method, keep, args.layer, args.schedule, model_dir)
     plan = make_plan(cfg, schedule, args.text_tokens, args.kv_dtype_bytes)
+    adaptive = None
+    if any(st.adaptive for st in schedule.stages):
+        from leanvlm.reduction.atp import read_record
+        from leanvlm.reduction.plan import adaptive_summary
+
+        adaptive = adaptive_summary(cfg, schedule, read_record(model_dir), args.text_tokens)
     if args.json:
-        print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict()}, indent=2))
+        print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict(),
+                          **({"adaptive": adaptive} if adaptive else {})}, indent=2))
         return 0
     t = Table(title=f"{args.model}: {schedule.method}, {args.text_tokens} text tokens")
     t.add_column("part")
@@ -318,6 +329,15 @@ def _plan(args: argparse.Namespace) -> int:
                     f"{plan.prefill_flops_ratio:.3f} ({plan.prefill_flops / 1e9:.2f} vs "
                     f"{plan.prefill_flops_unreduced / 1e9:.2f} GFLOPs); prompt KV cache {_human(plan.kv_bytes)} vs "
                     f"{_human(plan.kv_bytes_unreduced)} ({plan.kv_ratio:.3f}) at {args.kv_dtype_bytes} bytes per value")
+    if adaptive:
+        for st in adaptive["stages"]:
+            mean = st["measured_mean_kept"]
+            Console().print(f"adaptive stage at layer {st['layer']}: cap {st['cap']} (the numbers above), min "
+                            f"{st['min']}, spatial {st['spatial']}{', static K = cap' if st['static'] else ''}; "
+                            f"measured mean {'n/a' if mean is None else f'{mean:.1f}'} tokens per request "
+                            f"({adaptive['measured']['data']})")
+        Console().print(f"prefill FLOPs vs unreduced at the measured mean: "
+                        f"{adaptive['prefill_flops_ratio_at_measured_mean']:.3f}")
     return 0
 
 

@@ -88,7 +88,7 @@ def soft_forward(ref: ReducedLlava, batch: dict, spatial: dict, tau: float):
 @torch.no_grad()
 def hard_eval(ref: ReducedLlava, processor, samples, batch: int = 50) -> dict:
     """First-token accuracy and kept counts with the hard per-sample counts (the engine's semantics)."""
-    hits, counts, types = [], [], []
+    hits, counts, types, per_stage = [], [], [], []
     for a in range(0, len(samples), batch):
         chunk = samples[a: a + batch]
         b = encode(processor, chunk)
@@ -98,6 +98,7 @@ def hard_eval(ref: ReducedLlava, processor, samples, batch: int = 50) -> dict:
                                          image_starts(b["input_ids"], ref.image_token_id, ref.num_image_tokens))
         hits += (logits.argmax(-1) == b["target"]).tolist()
         counts += (kept[-1] >= 0).sum(1).tolist()
+        per_stage += [[int((k[b] >= 0).sum()) for k in kept] for b in range(len(chunk))]
         types += [s.qtype for s in chunk]
     per_type = {}
     for t in sorted(set(types)):
@@ -105,7 +106,8 @@ def hard_eval(ref: ReducedLlava, processor, samples, batch: int = 50) -> dict:
         per_type[t] = {"n": len(idx), "accuracy": round(float(np.mean([hits[i] for i in idx])), 4),
                        "mean_kept": round(float(np.mean([counts[i] for i in idx])), 2)}
     return {"n": len(samples), "accuracy": round(float(np.mean(hits)), 4),
-            "mean_kept": round(float(np.mean(counts)), 2), "min_kept": int(min(counts)),
+            "mean_kept": round(float(np.mean(counts)), 2),
+            "mean_kept_per_stage": [round(float(x), 2) for x in np.mean(per_stage, 0)], "min_kept": int(min(counts)),
             "max_kept": int(max(counts)), "per_type": per_type}
 
 

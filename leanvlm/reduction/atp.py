@@ -124,7 +124,8 @@ def select(scores: torch.Tensor, count: torch.Tensor, valid: torch.Tensor, spati
     top = torch.topk(rank, k, dim=1)
     slot_ok = torch.arange(top.indices.shape[1], device=scores.device)[None] < count[:, None]
     # ascending index order: a second TopK on the float indices (as select.select_top), carrying validity along
-    ordered = torch.topk(top.indices.to(torch.float32), top.indices.shape[1], dim=1, largest=False)
+    width = k if static else top.indices.shape[1]  # static: a constant K here too (no Shape-derived K)
+    ordered = torch.topk(top.indices.to(torch.float32), width, dim=1, largest=False)
     return ordered.values.to(torch.int64), torch.gather(slot_ok, 1, ordered.indices)
 
 

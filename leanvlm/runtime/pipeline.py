@@ -112,13 +112,13 @@ class Pipeline:
 
     @classmethod
     def from_model(cls, hf_model, processor, schedule, limits: Limits | None = None, device: str | None = None,
-                   dtype: str | None = None, max_pixels: int | None = None) -> "Pipeline":
+                   dtype: str | None = None, max_pixels: int | None = None, atp_modules: dict | None = None) -> "Pipeline":
         """The PyTorch reference of `schedule` on an in-memory LlavaForConditionalGeneration and its processor
         (transformers' or a VLMProcessor), without exporting: what the schedule search scores candidates on."""
         if not isinstance(processor, VLMProcessor):
             processor = VLMProcessor.from_hf(processor)
         spec = EngineSpec.build(hf_model.config, schedule, limits, source={"model": "in-memory"})
-        backend = make_backend(spec, "torch", hf_model=hf_model, device=device, dtype=dtype)
+        backend = make_backend(spec, "torch", hf_model=hf_model, device=device, dtype=dtype, atp_modules=atp_modules)
         return cls(spec, backend, processor, max_pixels)
 
     @property
