@@ -238,3 +238,18 @@ def test_shipped_shapes_llava_modules_load_and_record_their_training():
     assert record["training"]["command"].startswith("python tools/train_atp.py")
     assert 0 < record["measured"]["mean_kept"] <= max(st.num_keep for st in schedule.stages)
     assert np.isclose(record["measured"]["mean_keep_ratio"], record["measured"]["mean_kept"] / 144, atol=1e-3)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_parses_the_static_cap_graphs(adaptive_engines):
+    import tensorrt as trt
+
+    from leanvlm.spec.names import GRAPH_NAMES
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    for graph in GRAPH_NAMES:
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        ok = parser.parse_from_file(str(adaptive_engines["static"].out / f"{graph}.onnx"))
+        assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]

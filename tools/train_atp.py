@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument("--cap", type=float, default=0.5, help="cap per stage (fraction of the image tokens)")
     ap.add_argument("--min", type=int, default=9, dest="min_keep")
     ap.add_argument("--spatial", type=int, default=9, help="SAP: tokens on a uniform grid always kept")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--tau", type=float, default=0.5, help="soft-mask temperature")

@@ -148,6 +148,7 @@ def save_atp(directory: str | Path, modules: dict[int, ATPModule], record: dict)
                for k, v in m.state_dict().items()}
     tmp = directory / f".{ATP_WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
+    tmp.chmod(0o644)  # shipped with the checkpoint: as readable as its other files
     tmp.replace(directory / ATP_WEIGHTS)
     tmp = directory / f".{ATP_RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -27,7 +27,8 @@ from pathlib import Path
 from leanvlm.errors import UserError
 from leanvlm.spec import defaults
 
-METHODS = ("fastv", "pdrop", "illava", "visionzip", "adaptive")
+FIXED_METHODS = ("fastv", "pdrop", "illava", "visionzip")  # presets with build-time counts, any checkpoint
+METHODS = (*FIXED_METHODS, "adaptive")  # adaptive: needs the checkpoint's trained ATP modules
 SCORE_AT = ("previous", "current")
 DECODE_POSITIONS = ("group", "prompt")
 POSITIONS = ("keep", "renumber")
