@@ -297,8 +297,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
     from leanvlm.models.loading import resolve_model
 
-    model_dir = resolve_model(args.model)
-    keep = None if args.keep is None and args.method == "adaptive" else 1.0 if args.keep is None else args.keep
+    adaptive_method = args.method == "adaptive" and not args.schedule
+    model_dir = resolve_model(args.model) if adaptive_method else None  # only adaptive reads more than the config
+    keep = None if args.keep is None and adaptive_method else 1.0 if args.keep is None else args.keep
     schedule = resolve_schedule(cfg, args.method, keep, args.layer, args.schedule, model_dir)
     plan = make_plan(cfg, schedule, args.text_tokens, args.kv_dtype_bytes)
     adaptive = None
@@ -306,7 +307,8 @@ def _plan(args: argparse.Namespace) -> int:
         from leanvlm.reduction.atp import read_record
         from leanvlm.reduction.plan import adaptive_summary
 
-        adaptive = adaptive_summary(cfg, schedule, read_record(model_dir), args.text_tokens)
+        adaptive = adaptive_summary(cfg, schedule, read_record(model_dir or resolve_model(args.model)),
+                                    args.text_tokens)
     if args.json:
         print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict(),
                           **({"adaptive": adaptive} if adaptive else {})}, indent=2))

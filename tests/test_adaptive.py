@@ -222,6 +222,9 @@ def test_modules_that_do_not_match_the_model(tmp_path, atp_dir, tiny_dir, capsys
     assert "no trained ATP modules" in capsys.readouterr().err and not out.exists()
     assert export_engine_main(["--model", str(tiny_dir), "--keep", "0.5", "--static-cap", "--out", str(out)]) == 2
     assert "--static-cap applies to adaptive stages" in capsys.readouterr().err
+    assert export_engine_main(["--model", str(atp_dir), "--method", "adaptive", "--exporter", "dynamo",
+                               "--out", str(out)]) == 2
+    assert "torchscript exporter only" in capsys.readouterr().err and not out.exists()
 
 
 def test_shipped_shapes_llava_modules_load_and_record_their_training():

@@ -7,9 +7,10 @@ Each step answers a batch of single-turn shapes questions (train split) with the
 every adaptive stage the ATP module scores the image tokens and predicts a per-sample threshold, and the soft
 keep mask sigmoid((score - threshold) / tau) enters every later layer's attention as log(mask) on the image keys
 (a token at mask 0 is as good as dropped; spatial tokens stay at 1). Loss: cross-entropy of the first answer
-token + budget * (mean keep fraction at the last stage - target)^2, so the average count is pinned while the
-threshold head is free to give some questions more tokens than others (the paper's budget-constrained training,
-reduced to its average term). Only the ATP modules get gradients. The number of steps is fixed, so the same
+token + budget * (mean keep fraction at the last stage - target)^2, where the fraction is the engine's hard count
+(threshold, spatial tokens, clamp to [min, cap]) with the soft mask's gradient (straight-through), so the average
+count is pinned while the threshold head is free to give some questions more tokens than others (the paper's
+budget-constrained training, reduced to its average term). Only the ATP modules get gradients. The number of steps is fixed, so the same
 seed gives the same modules.
 
 Writes atp.safetensors and atp.json (stages, training settings, held-out accuracy and the measured mean kept
@@ -67,6 +68,7 @@ def soft_forward(ref: ReducedLlava, batch: dict, spatial: dict, tau: float):
     cos, sin = ref.lm.rotary_emb(h, pos)
     span = start[:, None] + torch.arange(n)[None]
     keep = torch.ones(h.shape[0], n)
+    hard = torch.ones(h.shape[0])  # the last stage's count / n
     valid = torch.ones(h.shape[0], n, dtype=torch.bool)
     scores = None
     for i, layer in enumerate(ref.lm.layers):
@@ -77,12 +79,18 @@ def soft_forward(ref: ReducedLlava, batch: dict, spatial: dict, tau: float):
             s = module.token_scores(select.image_scores(scores, start, n), image_h, valid)
             theta = module.threshold(h[:, -1], image_h, valid)
             keep = keep * atp.soft_keep(s, theta, valid, spatial[stage.layer], tau)
+            # the engine's count for this sample (threshold, spatial tokens, clamp), for the budget term
+            count = atp.counts(s.detach(), theta.detach(), valid, spatial[stage.layer][0].expand_as(valid),
+                               stage.min_keep, stage.num_keep)
+            hard = count.float() / n
             bias = torch.zeros(mask.shape[0], mask.shape[-1])
             bias = bias.scatter(1, span, torch.log(keep + 1e-9))
             mask = ref._prefill_mask(attn_mask) + bias[:, None, None, :]
         h, _, _, scores = ref._layer(layer, h, cos, sin, mask, None, None, ref.schedule.scores_at(i), attn_mask)
     logits = ref.hf.lm_head(ref.lm.norm(h[:, -1])).float()
-    return logits, keep.sum(1) / n
+    soft = keep.sum(1) / n
+    # straight-through: the budget sees the hard count's fraction, its gradient flows through the soft mask
+    return logits, soft + (hard - soft).detach()
 
 
 @torch.no_grad()

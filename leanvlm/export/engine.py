@@ -153,6 +153,9 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     # The schedule (and its errors) needs only the config: fail before loading weights.
     schedule = resolve_schedule(cfg, opts.method, opts.keep, opts.layer, opts.schedule, resolve_model(opts.model),
                                 opts.static_cap)
+    if opts.exporter == "dynamo" and any(st.adaptive and not st.static for st in schedule.stages):
+        raise UserError("--exporter dynamo: an adaptive stage's data-dependent TopK K is exported with the "
+                        "torchscript exporter only; use --exporter torchscript or --static-cap")
     n_img = schedule.llm_image_tokens  # image tokens in the LLM prompt
     max_prompt = opts.max_prompt or n_img + defaults.PROMPT_TEXT_TOKENS
     if max_prompt <= n_img:
