@@ -128,9 +128,12 @@ def _print_export_summary(result) -> None:
     for v in m["schedule"].get("vision_stages", []):
         at = f"ViT layer {v['layer']} ({v['kind']})" if v["kind"] == "vit_merge" else "encoder output (visionzip)"
         stages.add_row(at, f"{n} -> {v['num_keep']}")
+    adaptive = {st["layer"]: st for st in m["schedule"].get("stages", []) if st.get("kind") == "adaptive"}
     for grp in m["cache_groups"]:
         a, b = grp["layers"]
-        stages.add_row(f"LLM layers {a}-{b - 1}" if b - a > 1 else f"LLM layer {a}", f"{n} -> {grp['image_tokens']}")
+        st = adaptive.get(a)
+        count = f"{st['min_keep']}..{grp['image_tokens']} per request" if st else grp["image_tokens"]
+        stages.add_row(f"LLM layers {a}-{b - 1}" if b - a > 1 else f"LLM layer {a}", f"{n} -> {count}")
     console = Console()
     console.print(table)
     console.print(stages)

@@ -30,6 +30,7 @@ class KVCache:
         self.unreduced_image_tokens = m.num_patch_tokens  # every patch (for accounting)
         self.kv_heads, self.head_dim, self.itemsize = m.num_kv_heads, m.head_dim, spec.precision.itemsize
         image_tokens = image_tokens or [g.image_tokens for g in self.groups]
+        self.image_tokens = list(image_tokens)
         self.prompt_lengths = [prompt_len - (m.num_image_tokens - n) for n in image_tokens]
         self.capacity = [n + max_new_tokens for n in self.prompt_lengths]
         for g, (cap, grp) in enumerate(zip(self.capacity, self.groups)):
@@ -87,7 +88,7 @@ class KVCache:
 
     def stats(self) -> dict:
         """Bytes allocated, bytes holding entries, and what an unreduced cache would hold at the same point."""
-        dropped = [self.unreduced_image_tokens - grp.image_tokens for grp in self.groups]
+        dropped = [self.unreduced_image_tokens - n for n in self.image_tokens]
         unreduced = [n + d for n, d in zip(self.lengths, dropped)]
         used = self._bytes(self.lengths)
         full = self._bytes(unreduced)
