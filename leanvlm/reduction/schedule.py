@@ -303,7 +303,7 @@ class Schedule:
         return {"num_layers": self.num_layers, "num_image_tokens": self.num_image_tokens, "method": self.method,
                 "vision_layers": self.vision_layers, "llm_image_tokens": self.llm_image_tokens,
                 "decode_positions": self.decode_positions,
-                "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [asdict(s) for s in self.stages]}
+                "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [_stage_dict(s) for s in self.stages]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
@@ -317,6 +317,15 @@ class Schedule:
                        int(d.get("vision_layers", 0)), d.get("decode_positions", "prompt"))
         except (TypeError, KeyError, ValueError) as e:
             raise UserError(f"schedule record is malformed or from an unsupported version ({e})") from e
+
+
+def _stage_dict(stage: LLMStage) -> dict:
+    """A stage's record; the adaptive fields only on adaptive stages (fixed stages' records are unchanged)."""
+    d = asdict(stage)
+    if not stage.adaptive:
+        for f in ("min_keep", "spatial", "static"):
+            d.pop(f)
+    return d
 
 
 def _parse_stage(raw, where: str, n: int):

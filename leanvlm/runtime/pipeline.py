@@ -246,9 +246,11 @@ class Pipeline:
         return kept, merged
 
     def _result(self, r: _Request, b: int, batch: Batch, kept, merged, timings, kv) -> GenerationResult:
+        # adaptive stages mark masked slots -1 (VisionZip's -1 is CLS, a kept token)
+        masked = [getattr(st, "adaptive", False) for st in [*self.schedule.vision_stages, *self.schedule.stages]]
         return GenerationResult(text=r.text, token_ids=r.tokens, prompt_token_ids=batch.prompt_token_ids[b],
-                                kept=[[i for i in k[b].tolist() if i >= 0] for k in kept],
-                                kept_counts=[int((k[b] >= 0).sum()) for k in kept],
+                                kept=[[i for i in k[b].tolist() if i >= 0 or not a] for k, a in zip(kept, masked)],
+                                kept_counts=[int((k[b] >= 0).sum()) if a else k.shape[1] for k, a in zip(kept, masked)],
                                 finish_reason=r.finish, timings=dict(timings),
                                 kv_cache=kv, merged=[[] if m is None else m[b].tolist() for m in merged])
 
