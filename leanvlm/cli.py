@@ -43,7 +43,9 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
                    help=f"reduction preset (default {defaults.METHOD}): fastv = one drop at --layer; pdrop = PyramidDrop, drops at "
                         "1/4, 1/2, 3/4 depth keeping keep^(1/3), keep^(2/3), keep; illava = merges in four middle "
-                        "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM")
+                        "ViT layers and one LLM layer; visionzip = dominant + contextual tokens before the LLM; "
+                        "adaptive = per-sample counts from the model's trained ATP modules (--keep, optional, "
+                        "sets their cap)")
     p.add_argument("--layer", type=int, default=defaults.FASTV_LAYER, help="fastv: decoder layer K at whose input "
                    f"tokens are dropped (default {defaults.FASTV_LAYER})")
     p.add_argument("--schedule", type=Path, help="YAML/JSON schedule file instead of --method/--keep")
@@ -69,6 +71,9 @@ def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
                         "symmetric int8 (what TensorRT's INT8 path takes)")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default=defaults.EXPORTER,
                    help="torch.onnx exporter (default torchscript: much faster to export, same graphs)")
+    p.add_argument("--static-cap", action="store_true",
+                   help="adaptive stages: always run K = cap tokens (per-sample masking only) for targets that need "
+                        "static shapes, instead of K = the batch's largest count")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -84,7 +89,8 @@ def _export(args: argparse.Namespace) -> int:
                          schedule=args.schedule, out=args.out, opset=args.opset,
                          max_batch=args.max_batch, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
                          force=args.force, exporter=args.exporter, precision=args.precision,
-                         calib_data=args.calib_data, calib_n=args.calib_n, int8_activations=args.int8_activations)
+                         calib_data=args.calib_data, calib_n=args.calib_n, int8_activations=args.int8_activations,
+                         static_cap=args.static_cap)
     with console.status("exporting") as status:
         def on_step(msg: str) -> None:
             console.log(msg)
@@ -122,9 +128,12 @@ def _print_export_summary(result) -> None:
     for v in m["schedule"].get("vision_stages", []):
         at = f"ViT layer {v['layer']} ({v['kind']})" if v["kind"] == "vit_merge" else "encoder output (visionzip)"
         stages.add_row(at, f"{n} -> {v['num_keep']}")
+    adaptive = {st["layer"]: st for st in m["schedule"].get("stages", []) if st.get("kind") == "adaptive"}
     for grp in m["cache_groups"]:
         a, b = grp["layers"]
-        stages.add_row(f"LLM layers {a}-{b - 1}" if b - a > 1 else f"LLM layer {a}", f"{n} -> {grp['image_tokens']}")
+        st = adaptive.get(a)
+        count = f"{st['min_keep']}..{grp['image_tokens']} per request" if st else grp["image_tokens"]
+        stages.add_row(f"LLM layers {a}-{b - 1}" if b - a > 1 else f"LLM layer {a}", f"{n} -> {count}")
     console = Console()
     console.print(table)
     console.print(stages)
@@ -289,10 +298,23 @@ def _plan(args: argparse.Namespace) -> int:
     n_img = num_image_tokens(cfg)
     if args.schedule and args.keep is not None:
         raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
-    schedule = resolve_schedule(cfg, args.method, 1.0 if args.keep is None else args.keep, args.layer, args.schedule)
+    from leanvlm.models.loading import resolve_model
+
+    adaptive_method = args.method == "adaptive" and not args.schedule
+    model_dir = resolve_model(args.model) if adaptive_method else None  # only adaptive reads more than the config
+    keep = None if args.keep is None and adaptive_method else 1.0 if args.keep is None else args.keep
+    schedule = resolve_schedule(cfg, args.method, keep, args.layer, args.schedule, model_dir)
     plan = make_plan(cfg, schedule, args.text_tokens, args.kv_dtype_bytes)
+    adaptive = None
+    if any(st.adaptive for st in schedule.stages):
+        from leanvlm.reduction.atp import read_record
+        from leanvlm.reduction.plan import adaptive_summary
+
+        adaptive = adaptive_summary(cfg, schedule, read_record(model_dir or resolve_model(args.model)),
+                                    args.text_tokens)
     if args.json:
-        print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict()}, indent=2))
+        print(json.dumps({"schedule": schedule.to_dict(), **plan.to_dict(),
+                          **({"adaptive": adaptive} if adaptive else {})}, indent=2))
         return 0
     t = Table(title=f"{args.model}: {schedule.method}, {args.text_tokens} text tokens")
     t.add_column("part")
@@ -312,6 +334,15 @@ def _plan(args: argparse.Namespace) -> int:
                     f"{plan.prefill_flops_ratio:.3f} ({plan.prefill_flops / 1e9:.2f} vs "
                     f"{plan.prefill_flops_unreduced / 1e9:.2f} GFLOPs); prompt KV cache {_human(plan.kv_bytes)} vs "
                     f"{_human(plan.kv_bytes_unreduced)} ({plan.kv_ratio:.3f}) at {args.kv_dtype_bytes} bytes per value")
+    if adaptive:
+        for st in adaptive["stages"]:
+            mean = st["measured_mean_kept"]
+            Console().print(f"adaptive stage at layer {st['layer']}: cap {st['cap']} (the numbers above), min "
+                            f"{st['min']}, spatial {st['spatial']}{', static K = cap' if st['static'] else ''}; "
+                            f"measured mean {'n/a' if mean is None else f'{mean:.1f}'} tokens per request "
+                            f"({adaptive['measured']['data']})")
+        Console().print(f"prefill FLOPs vs unreduced at the measured mean: "
+                        f"{adaptive['prefill_flops_ratio_at_measured_mean']:.3f}")
     return 0
 
 

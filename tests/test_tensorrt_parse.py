@@ -2,12 +2,12 @@
 
 import pytest
 
-from leanvlm.reduction.schedule import METHODS
+from leanvlm.reduction.schedule import FIXED_METHODS
 from leanvlm.spec.names import GRAPH_NAMES
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FIXED_METHODS)  # adaptive --static-cap: tests/test_adaptive.py
 def test_tensorrt_parses_every_graph(engines, method):
     import tensorrt as trt
 

@@ -87,6 +87,7 @@ def main() -> None:
     lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
     lines += accuracy_section()
+    lines += adaptive_section()
     lines += precision_sections()
     lines += gpu_section()
     lines += scale_section()
@@ -117,6 +118,37 @@ def accuracy_section() -> list[str]:
                      f"{r['greedy_agreement']:.1%} | {r['prefill_flops_ratio']:.3f} | {r['vision_flops_ratio']:.3f} | "
                      f"{per} |")
     return lines + [""]
+
+
+def adaptive_section() -> list[str]:
+    """Adaptive (ATP-style) pruning vs FastV and PyramidDrop at the same average (adaptive-shapes.json)."""
+    path = BENCH / "adaptive-shapes.json"
+    if not path.exists():
+        return []
+    ad = json.loads(path.read_text())
+    acc, sp, s = ad["accuracy"], ad["prefill_batch1"], ad["settings"]
+    types = list(acc["unreduced"]["per_type"])
+    lines = ["## Adaptive pruning vs FastV and PyramidDrop at the same average (`adaptive-shapes.json`)", "",
+             f"Made by `{ad['command']}` ({ad['seconds'] / 60:.0f} min). Model: {ad['model']}. Data: {ad['data']}. "
+             f"{s['backend']}, batch {s['batch']}, {s['decoding']}. Budget: {s['budget']}.", "",
+             "| engine | image tokens at the last stage (mean) | accuracy | " + " | ".join(types) + " |",
+             "|---|---|---|" + "---|" * len(types)]
+    for name, r in acc.items():
+        lines.append(f"| {name} | {r['mean_image_tokens_last_stage']} | {r['accuracy']:.1%} | "
+                     + " | ".join(f"{r['per_type'][t]:.1%}" for t in types) + " |")
+    a = acc["adaptive"]
+    lines += ["", f"Adaptive counts ranged {a['min_kept']}-{a['max_kept']} per question; mean per type: "
+              + ", ".join(f"{k} {v}" for k, v in a["mean_kept_per_type"].items()) + ".", "",
+              f"Batch-1 prefill (ONNX Runtime CPU, 1 thread, {sp['requests']} held-out requests x {sp['rounds']} "
+              "rounds, engines interleaved request by request; median per request, then median over requests, ms):",
+              "", "| engine | image tokens (mean) | prefill ms (median) | prefill ms (mean) |", "|---|---|---|---|"]
+    for name, v in sp["median_ms"].items():
+        lines.append(f"| {name} | {sp['mean_image_tokens_last_stage'][name]} | {v:.1f} | {sp['mean_ms'][name]:.1f} |")
+    r = sp["adaptive_over_fastv"]
+    lines += ["", f"Adaptive / FastV: {r['median_of_per_request_ratios']:.3f} (median of per-request ratios), "
+              f"{r['ratio_of_means']:.3f} (ratio of means); adaptive --static-cap / FastV: "
+              f"{sp['static_cap_over_fastv']:.3f}.", ""]
+    return lines
 
 
 def _mib(n: float | None) -> str:

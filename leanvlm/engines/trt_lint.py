@@ -24,6 +24,15 @@ INT8, UINT8 = 3, 2
 ALLOWED_OPS = PARSER_10_3.ops  # what TensorRT 10.3 parses (the subset of its matrix relevant to transformers)
 
 
+# An adaptive stage's K (the batch's largest per-sample count) is computed in the graph. TensorRT 10.3's parser
+# wants a constant K; where a TensorRT build takes K as a run-time tensor the TopK/Gather outputs and every
+# tensor after them get data-dependent shapes, which need an IOutputAllocator per such output (sized at enqueue
+# time, no preallocated I/O, no CUDA-graph capture of the prefill).
+DYNAMIC_K = ("K is computed at run time (data-dependent shape): TensorRT needs a constant K, or output "
+             "allocators for every data-dependent output; export adaptive stages with --static-cap (K = cap, "
+             "masking only) for TensorRT")
+
+
 @dataclass
 class LintIssue:
     graph: str
@@ -72,7 +81,7 @@ def lint_onnx(path: str | Path, max_opset: int | None = None, topk_max_k: int | 
         if node.op_type == "TopK":
             k_name = node.input[1]
             if k_name not in constants:
-                issues.append(LintIssue(g, node.name, "TopK", "K is computed at run time; TensorRT needs a constant"))
+                issues.append(LintIssue(g, node.name, "TopK", DYNAMIC_K))
             elif k_name in const_values and int(const_values[k_name].reshape(-1)[0]) > topk_max_k:
                 issues.append(LintIssue(g, node.name, "TopK", f"K > {topk_max_k}"))
             if types.get(node.input[0], 1) not in FLOAT_TYPES:

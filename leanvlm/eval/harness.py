@@ -123,7 +123,8 @@ def evaluate(pipe, items: list[Item], batch_size: int | None = None, max_new_tok
             t["n"] += 1
             t["correct"] += ok
             report.predictions.append({"question": item.question, "prediction": prediction,
-                                       "answers": item.answers, "correct": ok, "tokens": res.token_ids})
+                                       "answers": item.answers, "correct": ok, "tokens": res.token_ids,
+                                       "kept_counts": res.kept_counts})
         if on_batch:
             on_batch(report.n, len(items))
     for t in report.per_type.values():

@@ -47,6 +47,7 @@ class ExportOptions:
     calib_n: int = defaults.CALIB_N
     int8_activations: str = "asymmetric"  # int8: "symmetric" for TensorRT (see export.quantize)
     check_batch: tuple[int, ...] = (5, 12, 9)  # text lengths of the ONNX Runtime check (ragged, batch 3)
+    static_cap: bool = False  # adaptive stages: always K = cap (masking only) for static-shape targets
 
 
 @dataclass
@@ -70,8 +71,10 @@ def validate_options(opts: ExportOptions) -> Path:
             raise UserError("--keep and --schedule exclude each other: a schedule file sets every stage's keep")
         if not Path(opts.schedule).is_file():
             raise UserError(f"--schedule {opts.schedule}: no such file")
-    elif opts.keep is None:
+    elif opts.keep is None and opts.method != "adaptive":
         raise UserError("--keep is required (or give a --schedule file)")
+    elif opts.keep is None:
+        pass  # adaptive: the caps of the trained ATP record
     elif isinstance(opts.keep, bool) or not isinstance(opts.keep, (int, float)) or not 0.0 < opts.keep <= 1.0:
         raise UserError(f"--keep {opts.keep}: must be in (0, 1] (the fraction of image tokens kept)")
     from leanvlm.reduction.schedule import METHODS
@@ -148,7 +151,11 @@ def export_engine(opts: ExportOptions, on_step: Callable[[str], None] | None = N
     cfg = LlavaConfig.from_pretrained(resolve_model(opts.model))
     text = cfg.text_config
     # The schedule (and its errors) needs only the config: fail before loading weights.
-    schedule = resolve_schedule(cfg, opts.method, opts.keep, opts.layer, opts.schedule)
+    schedule = resolve_schedule(cfg, opts.method, opts.keep, opts.layer, opts.schedule, resolve_model(opts.model),
+                                opts.static_cap)
+    if opts.exporter == "dynamo" and any(st.adaptive and not st.static for st in schedule.stages):
+        raise UserError("--exporter dynamo: an adaptive stage's data-dependent TopK K is exported with the "
+                        "torchscript exporter only; use --exporter torchscript or --static-cap")
     n_img = schedule.llm_image_tokens  # image tokens in the LLM prompt
     max_prompt = opts.max_prompt or n_img + defaults.PROMPT_TEXT_TOKENS
     if max_prompt <= n_img:
@@ -238,15 +245,30 @@ def _export_graphs(ref, tmp: Path, store, opts: ExportOptions, step) -> dict[str
     return weight_bytes
 
 
-def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None):
-    """The schedule of a preset or a file for a LLaVA config (validated; raises UserError)."""
+def resolve_schedule(cfg, method: str, keep: float | None, layer: int, schedule_file: Path | None,
+                     model_dir: Path | None = None, static_cap: bool = False):
+    """The schedule of a preset or a file for a LLaVA config (validated; raises UserError). `--method adaptive`
+    reads its stages from the ATP record in `model_dir`; `static_cap` makes every adaptive stage run K = cap."""
     from leanvlm.reduction.schedule import Schedule
     from leanvlm.models.llava_config import num_image_tokens, vision_layers_used
 
     layers, n, vit = cfg.text_config.num_hidden_layers, num_image_tokens(cfg), vision_layers_used(cfg)
     if schedule_file is not None:
-        return Schedule.from_file(schedule_file, layers, n, vit)
-    return Schedule.preset(method, layers, n, keep, layer, vit)
+        schedule = Schedule.from_file(schedule_file, layers, n, vit)
+    elif method == "adaptive":
+        from leanvlm.reduction.atp import adaptive_schedule
+
+        if model_dir is None:
+            raise UserError("--method adaptive needs the model's directory (its trained ATP modules)")
+        schedule = adaptive_schedule(model_dir, layers, n, None if keep == 1.0 else keep)
+    else:
+        schedule = Schedule.preset(method, layers, n, keep, layer, vit)
+    if static_cap:
+        if not any(st.adaptive for st in schedule.stages):
+            raise UserError("--static-cap applies to adaptive stages; this schedule has none")
+        schedule = replace(schedule, stages=tuple(replace(st, static=True) if st.adaptive else st
+                                                  for st in schedule.stages))
+    return schedule
 
 
 def check_disk(directory: Path, weight_bytes: int) -> None:

@@ -118,6 +118,9 @@ def build_specs(ref: ReducedLlava, batch: int = 2, text_len: int = 9, past_extra
                                                            2: names.group_axis(gi, "present_sequence_length")}
     for name in kept:  # kept_indices.* and merge_targets.*
         pre_axes[name] = {0: "batch_size"}
+    for j, st in enumerate(ref.schedule.stages):  # adaptive: K is the batch's largest count, known at run time
+        if st.adaptive and not st.static:
+            pre_axes[kept[j]] = {0: "batch_size", 1: f"adaptive_tokens_{j}"}
     specs.append(GraphSpec("prefill", PrefillGraph(ref), (embeds, mask, pos, start),
                            [names.INPUTS_EMBEDS, names.ATTENTION_MASK, names.POSITION_IDS, names.IMAGE_START],
                            [names.LOGITS, *present, *kept], pre_axes))

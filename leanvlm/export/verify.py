@@ -115,6 +115,13 @@ def reference_cases(ref: ReducedLlava, text_lens: list[int], seed: int = 1) -> l
         step = ref.embed(logits.argmax(-1, keepdim=True), feats[:, :0])
         pos = x["attention_mask"].sum(1, keepdim=True)
         masks = group_masks(x["attention_mask"], lengths, extra=1)
+        adaptive = [st.adaptive for st in ref.schedule.stages]
+        if any(adaptive):  # masked slots inside the image span of the groups after an adaptive stage
+            from leanvlm.models.layout import group_prompt_masks
+
+            prompt = group_prompt_masks(x["attention_mask"].numpy(), x["image_start"].numpy(),
+                                        ref.num_image_tokens, [k.numpy() for k in kept], adaptive)
+            masks = [torch.cat([torch.from_numpy(p), m[:, -1:]], 1) for p, m in zip(prompt, masks)]
         dec_logits, new_kv = ref.decode(step, pos, masks, presents)
         cases.append(GraphCase("decode", np_({names.INPUTS_EMBEDS: step, names.POSITION_IDS: pos,
                                               **{names.decode_mask_name(g): m for g, m in enumerate(masks)},

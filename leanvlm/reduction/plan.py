@@ -68,3 +68,34 @@ def make_plan(config, schedule: Schedule, text_tokens: int = 64, kv_dtype_bytes:
     return Plan(text_tokens, vision_tokens, [text_tokens + n for n in image], image, vision, vision_full, prefill,
                 prefill_full, per_entry * sum(text_tokens + n for n in image),
                 per_entry * (text_tokens + n_full) * len(image), kv_dtype_bytes)
+
+
+def adaptive_summary(config, schedule: Schedule, record: dict, text_tokens: int = 64) -> dict:
+    """For a schedule with adaptive stages: per stage its cap, min and the mean count measured when its ATP
+    modules were trained (their atp.json record), and the prefill FLOPs ratio at those means (the plan's other
+    numbers are at the cap, the bound the engine is sized for)."""
+    from dataclasses import replace
+
+    from leanvlm.reduction.flops import prefill_flops_ratio
+
+    measured = record.get("measured", {})
+    means = measured.get("mean_kept_per_stage", [measured.get("mean_kept")])
+    adaptive = [s for s in schedule.stages if s.adaptive]
+    stages, fixed = [], []
+    for s in schedule.stages:
+        if not s.adaptive:
+            fixed.append(s)
+            continue
+        j = adaptive.index(s)
+        mean = means[j] if j < len(means) and means[j] is not None else None
+        mean = None if mean is None else min(float(mean), s.num_keep)  # a lower cap than trained clamps the mean
+        stages.append({"layer": s.layer, "cap": s.num_keep, "min": s.min_keep, "spatial": s.spatial,
+                       "static": s.static, "measured_mean_kept": mean})
+        fixed.append(replace(s, kind="llm", min_keep=0, spatial=0, static=False,
+                             num_keep=max(1, round(mean)) if mean is not None else s.num_keep))
+    t = config.text_config
+    at_mean = prefill_flops_ratio(replace(schedule, stages=tuple(fixed)), text_tokens, t.hidden_size,
+                                  t.intermediate_size, t.num_key_value_heads / t.num_attention_heads)
+    return {"stages": stages, "prefill_flops_ratio_at_measured_mean": at_mean,
+            "measured": {k: measured.get(k) for k in ("data", "n", "accuracy", "mean_kept", "per_type")},
+            "target_keep": record.get("target_keep")}

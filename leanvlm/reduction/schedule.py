@@ -8,6 +8,12 @@ arithmetic). A schedule comes from a preset (`fastv`, `pdrop`, `illava`, `vision
       - {where: projector, keep: 64, contextual: 10}          # VisionZip before the LLM
       - {layer: 8, keep: 0.5, score_at: current, positions: renumber}   # an LLM stage (where: llm)
       - {layer: 16, keep: 24, action: merge}
+      - {layer: 2, kind: adaptive, cap: 0.5, min: 9, spatial: 9}   # ATP-style, per-sample count (reduction.atp)
+
+An `adaptive` stage (LLM layers only) keeps a data-dependent number of image tokens per sample, predicted by a
+trained ATP module (leanvlm/reduction/atp.py) and clamped to [min, cap]; `cap` is the build-time bound that sizes
+the KV cache, `spatial` tokens on a uniform grid are always kept (spatial augmented pruning), and `static: true`
+always runs K = cap tokens (masking only) for targets that need static shapes.
 
 `keep` is a fraction of the image tokens out of the vision tower (a float in (0, 1]) or a token count (an
 int: `keep: 1` keeps one token, `keep: 1.0` all of them).
@@ -21,7 +27,8 @@ from pathlib import Path
 from leanvlm.errors import UserError
 from leanvlm.spec import defaults
 
-METHODS = ("fastv", "pdrop", "illava", "visionzip")
+FIXED_METHODS = ("fastv", "pdrop", "illava", "visionzip")  # presets with build-time counts, any checkpoint
+METHODS = (*FIXED_METHODS, "adaptive")  # adaptive: needs the checkpoint's trained ATP modules
 SCORE_AT = ("previous", "current")
 DECODE_POSITIONS = ("group", "prompt")
 POSITIONS = ("keep", "renumber")
@@ -32,7 +39,9 @@ PLACES = {
     "vision": (("mean_received",), ("merge",)),
     "projector": (("cls",), ("visionzip",)),
 }
-_STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual", "keep_cls"}
+_STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual", "keep_cls",
+                 "kind", "cap", "min", "spatial", "static"}
+ADAPTIVE_FIELDS = ("cap", "min", "spatial", "static")
 _FILE_FIELDS = {"stages", "decode_positions"}
 VISIONZIP_KEEP_CLS = True  # the reference code sends CLS to the LLM as one of its dominant tokens
 
@@ -52,7 +61,14 @@ class LLMStage:
     positions: str = "keep"
     action: str = "drop"  # or "merge": iLLaVA's rank-weighted merge of the removed tokens into one kept
     score: str = "last_token"  # or "mean_received": attention each token receives, mean over all queries
-    kind: str = "llm"
+    kind: str = "llm"  # or "adaptive": num_keep is the cap, the kept count is per sample (reduction.atp)
+    min_keep: int = 0  # adaptive: the smallest per-sample count
+    spatial: int = 0  # adaptive: tokens on a uniform grid always kept (SAP), counted in the kept count
+    static: bool = False  # adaptive: always K = cap (masking only) instead of K = the batch's largest count
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind == "adaptive"
 
     @property
     def merges(self) -> bool:
@@ -185,6 +201,21 @@ class Schedule:
         return cls(num_layers, num_image_tokens, stages, "illava", tuple(vstages), vision_layers)
 
     @classmethod
+    def adaptive(cls, num_layers: int, num_image_tokens: int, stages: list[dict], keep: float | None = None,
+                 static: bool = False) -> "Schedule":
+        """Adaptive (ATP-style) stages at the layers of a trained ATP record (`stages`: layer, cap, min, spatial
+        per stage, as reduction.atp writes them); `keep` replaces every stage's cap by that fraction of the
+        image tokens (not below its min), `static` always runs K = cap."""
+        if keep is not None:
+            _check_keep(keep)
+        out = []
+        for st in stages:
+            cap = int(st["cap"]) if keep is None else max(int(st["min"]), _count(keep, num_image_tokens, "--keep"))
+            out.append(adaptive_stage(int(st["layer"]), cap, int(st["min"]), int(st["spatial"]), static,
+                                      num_image_tokens))
+        return cls(num_layers, num_image_tokens, tuple(out), "adaptive")
+
+    @classmethod
     def preset(cls, method: str, num_layers: int, num_image_tokens: int, keep: float,
                layer: int = defaults.FASTV_LAYER, vision_layers: int = 0) -> "Schedule":
         """The schedule of a named method (see each constructor for its defaults and sources)."""
@@ -196,6 +227,9 @@ class Schedule:
             return cls.visionzip(num_layers, num_image_tokens, keep, vision_layers)
         elif method == "illava":
             return cls.illava(num_layers, num_image_tokens, keep, vision_layers)
+        elif method == "adaptive":
+            raise UserError("--method adaptive takes its stages from the model's trained ATP modules "
+                            "(leanvlm.reduction.atp.adaptive_schedule)")
         else:
             raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
         return replace(s, vision_layers=vision_layers)
@@ -269,19 +303,29 @@ class Schedule:
         return {"num_layers": self.num_layers, "num_image_tokens": self.num_image_tokens, "method": self.method,
                 "vision_layers": self.vision_layers, "llm_image_tokens": self.llm_image_tokens,
                 "decode_positions": self.decode_positions,
-                "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [asdict(s) for s in self.stages]}
+                "vision_stages": [asdict(s) for s in self.vision_stages], "stages": [_stage_dict(s) for s in self.stages]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
         """Inverse of to_dict (a manifest's resolved schedule)."""
         try:
-            stages = tuple(LLMStage(**{k: v for k, v in s.items() if k != "kind"}) for s in d.get("stages", []))
+            stages = tuple(LLMStage(**{k: v for k, v in s.items() if k != "kind" or v == "adaptive"})
+                           for s in d.get("stages", []))
             vision = tuple(VisionStage(**s) for s in d.get("vision_stages", []))
             # engines written before decode_positions existed numbered decode tokens after the full prompt
             return cls(int(d["num_layers"]), int(d["num_image_tokens"]), stages, d.get("method", "none"), vision,
                        int(d.get("vision_layers", 0)), d.get("decode_positions", "prompt"))
         except (TypeError, KeyError, ValueError) as e:
             raise UserError(f"schedule record is malformed or from an unsupported version ({e})") from e
+
+
+def _stage_dict(stage: LLMStage) -> dict:
+    """A stage's record; the adaptive fields only on adaptive stages (fixed stages' records are unchanged)."""
+    d = asdict(stage)
+    if not stage.adaptive:
+        for f in ("min_keep", "spatial", "static"):
+            d.pop(f)
+    return d
 
 
 def _parse_stage(raw, where: str, n: int):
@@ -294,6 +338,17 @@ def _parse_stage(raw, where: str, n: int):
     place = raw.get("where", "llm")
     if place not in PLACES:
         raise UserError(f"{where}: where {place!r}: choose one of {', '.join(PLACES)}")
+    kind = raw.get("kind", "llm")
+    if kind not in ("llm", "adaptive"):
+        raise UserError(f"{where}: kind {kind!r}: choose adaptive (or leave it out)")
+    if kind == "adaptive":
+        if place != "llm":
+            raise UserError(f"{where}: an adaptive stage acts between LLM decoder layers (its importance is the text's "
+                            f"attention to the image tokens); where {place!r} is not possible, use where: llm")
+        return _parse_adaptive(raw, where, n)
+    for f in ADAPTIVE_FIELDS:
+        if f in raw:
+            raise UserError(f"{where}: {f} is a field of adaptive stages (kind: adaptive)")
     scores, actions = PLACES[place]
     score, action = raw.get("score", scores[0]), raw.get("action", actions[0])
     if score not in scores:
@@ -336,6 +391,45 @@ def _parse_stage(raw, where: str, n: int):
     if isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 0:
         raise UserError(f"{where}: contextual {contextual!r} must be a non-negative integer")
     return VisionStage("visionzip", num_keep=num_keep, keep=num_keep / n, contextual=contextual, keep_cls=keep_cls)
+
+
+def _parse_adaptive(raw: dict, where: str, n: int) -> LLMStage:
+    """An adaptive stage: {layer, cap, min, spatial, static}; cap and min are counts (int) or fractions (float)."""
+    for f in ("keep", "score", "action", "score_at", "positions", "contextual", "keep_cls"):
+        if f in raw:
+            raise UserError(f"{where}: {f} is not a field of adaptive stages (they take layer, cap, min, spatial, "
+                            "static)")
+    if "layer" not in raw or "cap" not in raw:
+        raise UserError(f"{where}: an adaptive stage needs 'layer' and 'cap'")
+    layer = raw["layer"]
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise UserError(f"{where}: layer {layer!r} is not an integer")
+    spatial = raw.get("spatial", 0)
+    if isinstance(spatial, bool) or not isinstance(spatial, int) or spatial < 0:
+        raise UserError(f"{where}: spatial {spatial!r} must be a non-negative integer (tokens on a uniform grid)")
+    static = raw.get("static", False)
+    if not isinstance(static, bool):
+        raise UserError(f"{where}: static {static!r} must be true or false")
+    cap = _stage_count(raw["cap"], n, f"{where}: cap")
+    low = _stage_count(raw.get("min", max(spatial, 1)), n, f"{where}: min")
+    return adaptive_stage(layer, cap, low, spatial, static, n)
+
+
+def adaptive_stage(layer: int, cap: int, min_keep: int, spatial: int, static: bool, n: int) -> LLMStage:
+    """An adaptive LLMStage (checked by validate: cap >= min >= spatial >= 0)."""
+    return LLMStage(layer=layer, num_keep=cap, keep=cap / n, kind="adaptive", min_keep=min_keep, spatial=spatial,
+                    static=static)
+
+
+def _stage_count(value, n: int, what: str) -> int:
+    """A token count (int) or a fraction of n (float in (0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} {value!r} is not a number")
+    if isinstance(value, int):
+        return value
+    if not 0 < value <= 1:
+        raise UserError(f"{what} {value} must be a fraction in (0, 1] or a token count")
+    return max(1, round(value * n))
 
 
 def validate(schedule: Schedule) -> None:
@@ -387,6 +481,28 @@ def validate(schedule: Schedule) -> None:
         if s.score == "mean_received" and s.score_at != "previous":
             raise UserError(f"{where}: score mean_received is taken from the previous layer's attention; "
                             "use score_at: previous")
+        if not s.adaptive and any(t.adaptive for t in schedule.stages[:i]):
+            raise UserError(f"{where}: a fixed-count stage cannot follow an adaptive one (its count would include "
+                            "the tokens the adaptive stage masked); put it before, or make it adaptive")
+        if s.adaptive and schedule.vision_stages:
+            raise UserError(f"{where}: adaptive stages need the vision tower's full token grid (no vision or "
+                            "projector stage before them)")
+        if s.kind not in ("llm", "adaptive"):
+            raise UserError(f"{where}: kind {s.kind!r}: choose llm or adaptive")
+        if s.adaptive:
+            if s.min_keep > s.num_keep:
+                raise UserError(f"{where}: cap {s.num_keep} < min {s.min_keep}; the cap bounds every sample's count "
+                                "from above, so raise cap or lower min")
+            if s.min_keep < 1:
+                raise UserError(f"{where}: min {s.min_keep} must keep at least one image token")
+            if s.spatial > s.min_keep:
+                raise UserError(f"{where}: spatial {s.spatial} > min {s.min_keep}: the spatial tokens are always "
+                                "kept, so min must be at least spatial")
+            if s.action != "drop" or s.score_at != "previous" or s.positions != "keep" or s.score != "last_token":
+                raise UserError(f"{where}: adaptive stages drop tokens scored by the previous layer's last-token "
+                                "attention and keep their positions")
+        elif s.min_keep or s.spatial or s.static:
+            raise UserError(f"{where}: min/spatial/static are fields of adaptive stages")
         prev_layer, count = s.layer, s.num_keep
 
 

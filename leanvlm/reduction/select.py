@@ -61,3 +61,14 @@ def renumber_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     m = attention_mask.to(torch.float32)
     pos = (torch.cumsum(m, dim=1) - 1.0).to(torch.int64)
     return torch.where(attention_mask > 0, pos, torch.ones_like(pos))
+
+
+def mask_slots(attention_mask: torch.Tensor, image_start: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """Zero the mask of the image slots [image_start, image_start + K) whose `slot_valid` [B, K] is False (the
+    tokens an adaptive stage took for the batch but not for this sample)."""
+    k = slot_valid.shape[1]
+    j = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :]
+    rel = j - image_start[:, None]
+    in_image = (rel >= 0) & (rel < k)
+    ok = torch.gather(slot_valid, 1, torch.where(in_image, rel, torch.zeros_like(rel)))
+    return torch.where(in_image & ~ok, torch.zeros_like(attention_mask), attention_mask)

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 from leanvlm.errors import UserError
 from leanvlm.models import layout
 from leanvlm.models.llava_config import head_dim, num_image_tokens, vision_layers_used
-from leanvlm.reduction import merge, select
+from leanvlm.reduction import atp, merge, select
 from leanvlm.reduction.schedule import Schedule
 from leanvlm.spec.names import scope_key
 
@@ -35,7 +35,9 @@ class _Scope(nn.Module):
 class ReducedLlava(nn.Module):
     """A LlavaForConditionalGeneration run phase by phase under a `Schedule`."""
 
-    def __init__(self, hf_model: nn.Module, schedule: Schedule):
+    def __init__(self, hf_model: nn.Module, schedule: Schedule, atp_modules: dict | None = None):
+        """atp_modules: the ATP module of each adaptive stage by layer; None loads them from the directory the
+        model was loaded from (reduction.atp.load_atp) when the schedule has adaptive stages."""
         super().__init__()
         cfg = hf_model.config
         self.config = cfg
@@ -58,6 +60,19 @@ class ReducedLlava(nn.Module):
         keys += [scope_key(v.kind if v.kind == "visionzip" else "vit", v.layer) for v in schedule.vision_stages]
         self.reduce = nn.ModuleDict({k: _Scope() for k in keys})
         self.decode_offsets = schedule.decode_position_offsets()
+        adaptive = [st for st in schedule.stages if st.adaptive]
+        if adaptive and atp_modules is None:
+            directory = atp.model_directory(hf_model)
+            if directory is None:
+                raise UserError("the schedule has adaptive stages but the model was not loaded from a directory "
+                                "holding its ATP modules; pass atp_modules=")
+            atp_modules = atp.load_atp(directory, cfg, schedule)
+        missing = [st.layer for st in adaptive if st.layer not in (atp_modules or {})]
+        if missing:
+            raise UserError(f"adaptive stage(s) at layer(s) {missing} have no ATP module")
+        self.atp = nn.ModuleDict({str(st.layer): atp_modules[st.layer] for st in adaptive})
+        # SAP's always-kept tokens, as flags over the LLM's image tokens (a graph constant)
+        self._spatial = {st.layer: atp.spatial_flags(schedule.llm_image_tokens, st.spatial).tolist() for st in adaptive}
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -196,10 +211,20 @@ class ReducedLlava(nn.Module):
         kept_all: list[torch.Tensor] = []
         targets_all: list[torch.Tensor] = []  # merge stages only, in stage order
         original = None  # [B, n_image]: original image-token index of each current image token
+        valid = None  # after an adaptive stage: [B, n_image] bool, False for the slots masked beyond a sample's count
         scores = None
         for i, layer in enumerate(self.lm.layers):
             stage = self.schedule.stage_at(i)
-            if stage is not None:
+            if stage is not None and stage.adaptive:
+                h, attention_mask, position_ids, local, valid = self.reduce[scope_key("llm", stage.layer)](
+                    self._apply_adaptive, stage, h, scores, attention_mask, position_ids, image_start, n_image,
+                    original, valid)
+                original = local if original is None else torch.gather(original, 1, local)
+                mask = self._prefill_mask(attention_mask)
+                cos, sin = self.lm.rotary_emb(h, position_ids)
+                n_image = local.shape[1]  # data-dependent: the batch's largest count (or the cap when static)
+                kept_all.append(torch.where(valid, original, torch.full_like(original, -1)))
+            elif stage is not None:
                 h, attention_mask, position_ids, local, target = self.reduce[scope_key("llm", stage.layer)](
                     self._apply_stage, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin,
                     mask, n_image)
@@ -237,6 +262,31 @@ class ReducedLlava(nn.Module):
         else:
             position_ids = select.gather_tokens(position_ids, index)
         return h, attention_mask, position_ids, local, target
+
+    def _apply_adaptive(self, stage, h, scores, attention_mask, position_ids, image_start, n_image, original,
+                        valid):
+        """An adaptive stage (reduction.atp) at the input of its layer: per-sample counts from the ATP module's
+        scores and threshold, TopK with K = the batch's largest count (or the cap), the slots beyond each
+        sample's own count masked in the attention mask. Returns (h, attention_mask, position_ids, kept [B, K]
+        local to the current image tokens, slot validity [B, K])."""
+        b = h.shape[0]
+        span = image_start[:, None] + torch.arange(n_image, device=h.device)[None]
+        image_h = select.gather_tokens(h, span)
+        if valid is None:
+            valid = torch.ones(span.shape, dtype=torch.bool, device=h.device)
+        flags = torch.tensor(self._spatial[stage.layer], dtype=torch.bool, device=h.device)[None].expand(b, -1)
+        spatial = flags if original is None else torch.gather(flags, 1, original)
+        module = self.atp[str(stage.layer)]
+        token_scores = module.token_scores(select.image_scores(scores, image_start, n_image), image_h, valid)
+        theta = module.threshold(h[:, -1], image_h, valid)
+        count = atp.counts(token_scores, theta, valid, spatial, stage.min_keep, stage.num_keep)
+        local, slot_valid = atp.select(token_scores, count, valid, spatial, stage.num_keep, stage.static)
+        index = select.keep_index(image_start, local, h.shape[1], n_image)
+        h = select.gather_tokens(h, index)
+        attention_mask = select.gather_tokens(attention_mask, index)
+        position_ids = select.gather_tokens(position_ids, index)
+        attention_mask = select.mask_slots(attention_mask, image_start, slot_valid)
+        return h, attention_mask, position_ids, local, slot_valid
 
     @staticmethod
     def _merge_image_tokens(h, image_scores, image_start, n_image: int, num_keep: int):

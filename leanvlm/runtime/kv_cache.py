@@ -45,6 +45,7 @@ class KVCache:
         self.lengths = np.zeros((slots, len(self.groups)), dtype=np.int64)
         self.limit = np.zeros((slots, len(self.groups)), dtype=np.int64)  # prompt + max_new_tokens per slot
         self.active = np.zeros(slots, dtype=bool)
+        self.slot_dropped = np.zeros((slots, len(self.groups)), dtype=np.int64)  # image tokens dropped before each group
 
     # ---- slots ------------------------------------------------------------------------------
     @property
@@ -56,41 +57,50 @@ class KVCache:
     def free_slots(self) -> list[int]:
         return np.flatnonzero(~self.active).tolist()
 
-    def admit(self, presents: list[tuple], attention_mask: np.ndarray, max_new_tokens: list[int]) -> list[int]:
+    def admit(self, presents: list[tuple], attention_mask: np.ndarray, max_new_tokens: list[int],
+              group_masks: list[np.ndarray] | None = None) -> list[int]:
         """Write a prefilled batch (left-padded, `attention_mask` [B, L]) into the lowest free slots, each
-        reserving room for its `max_new_tokens`; returns the slot of each row."""
+        reserving room for its `max_new_tokens`; returns the slot of each row. group_masks: each group's prompt
+        mask when it is not the cut prompt mask (adaptive stages keep the batch's largest count K and mask each
+        sample's slots beyond its own; models.layout.group_prompt_masks)."""
         batch, width = attention_mask.shape
         free = self.free_slots()
         if batch > len(free):
             raise EngineError(f"KV cache: {batch} requests for {len(free)} free slots")
         slots = free[:batch]
         real = attention_mask.sum(1).astype(np.int64)
+        widths = [width - d for d in self.dropped]
+        for i, (k, _) in enumerate(presents):
+            g = self.layer_group[i]
+            # an adaptive group holds K <= cap image tokens, so fewer entries than the manifest's cap implies
+            if k.shape[2] != widths[g] and not (group_masks is not None and k.shape[2] < widths[g]):
+                raise EngineError(f"layer {i}: the prefill graph returned {k.shape[2]} KV entries where the "
+                                  f"manifest's cache group {g} implies {widths[g]}; graph and manifest do not match")
+            widths[g] = k.shape[2]
+        dropped = [width - w for w in widths]
         for g, grp in enumerate(self.groups):
             for b in range(batch):
-                need = int(real[b]) - self.dropped[g] + int(max_new_tokens[b])
+                need = int(real[b]) - dropped[g] + int(max_new_tokens[b])
                 if need > grp.capacity:
                     raise UserError(f"prompt of {int(real[b])} tokens + max_new_tokens {max_new_tokens[b]} needs "
                                     f"{need} cache entries in group {g}, past this engine's capacity of {grp.capacity}")
         for b, s in enumerate(slots):
-            self.limit[s] = [int(real[b]) - d + int(max_new_tokens[b]) for d in self.dropped]
+            self.limit[s] = [int(real[b]) - d + int(max_new_tokens[b]) for d in dropped]
+            self.slot_dropped[s] = dropped
         self._ensure_capacity(np.maximum(self.limit[slots], self.limit[self.active].max(0, initial=0)).max(0))
         for i, (k, v) in enumerate(presents):
-            g = self.layer_group[i]
-            if k.shape[2] != width - self.dropped[g]:
-                raise EngineError(f"layer {i}: the prefill graph returned {k.shape[2]} KV entries where the "
-                                  f"manifest's cache group {g} implies {width - self.dropped[g]}; graph and manifest "
-                                  "do not match")
             for b, s in enumerate(slots):
                 pad = width - int(real[b])  # pads stay at the front when tokens are dropped
                 self.keys[i][s, :, : k.shape[2] - pad] = k[b, :, pad:]
                 self.values[i][s, :, : k.shape[2] - pad] = v[b, :, pad:]
         for b, s in enumerate(slots):
             self.active[s] = True
+            pad = width - int(real[b])
             for g in range(len(self.groups)):
-                n = int(real[b]) - self.dropped[g]
+                n = widths[g] - pad
                 mask = self.masks[g]
                 mask[s] = 0
-                mask[s, :n] = 1
+                mask[s, :n] = 1 if group_masks is None else group_masks[g][b, pad:]
                 mask[s, -1] = 1
                 self.lengths[s, g] = n
         return slots
@@ -122,6 +132,7 @@ class KVCache:
             for mask in self.masks:
                 mask[dst] = mask[src]
             self.lengths[dst], self.limit[dst], self.active[dst] = self.lengths[src], self.limit[src], True
+            self.slot_dropped[dst] = self.slot_dropped[src]
             self.release(src)
             moves.append((src, dst))
 
@@ -194,8 +205,9 @@ class KVCache:
     def stats(self, slot: int) -> dict:
         """One slot's bytes: reserved, holding entries, and what an unreduced cache would hold at the same point."""
         lengths = [int(n) for n in self.lengths[slot]]
-        dropped = [self.unreduced_image_tokens - grp.image_tokens for grp in self.groups]
-        unreduced = [n + d for n, d in zip(lengths, dropped)]
+        # entries an unreduced cache would hold: every patch token, where this slot's groups hold what they kept
+        extra = self.unreduced_image_tokens - self.num_image_tokens
+        unreduced = [n + extra + int(d) for n, d in zip(lengths, self.slot_dropped[slot])]
         used = self._bytes(lengths)
         full = self._bytes(unreduced)
         return {"allocated_bytes": self._bytes(self.limit[slot]), "used_bytes": used, "unreduced_bytes": full,

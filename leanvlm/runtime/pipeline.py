@@ -28,7 +28,8 @@ from leanvlm.spec.manifest import load_engine_spec
 
 @dataclass
 class GenerationResult:
-    """One request's output. `kept[s]` are the image-token indices stage s kept (into the original tokens)."""
+    """One request's output. `kept[s]` are the image-token indices stage s kept (into the original tokens) and
+    `kept_counts[s]` how many: per request, it varies under adaptive stages."""
 
     text: str
     token_ids: list[int]
@@ -36,12 +37,13 @@ class GenerationResult:
     kept: list[list[int]]
     finish_reason: str  # "eos", "stop" or "length"
     merged: list[list[int]] = field(default_factory=list)  # per stage: tokens that absorbed others (merges)
+    kept_counts: list[int] = field(default_factory=list)  # per stage: image tokens kept for this request
     timings: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
-                "kept": self.kept, "merged": self.merged, "finish_reason": self.finish_reason,
+                "kept": self.kept, "kept_counts": self.kept_counts, "merged": self.merged, "finish_reason": self.finish_reason,
                 "timings": self.timings, "kv_cache": self.kv_cache}
 
 
@@ -73,13 +75,15 @@ class Pipeline:
 
     @classmethod
     def from_model(cls, hf_model, processor, schedule, limits: Limits | None = None, device: str | None = None,
-                   dtype: str | None = None, max_pixels: int | None = None) -> "Pipeline":
+                   dtype: str | None = None, max_pixels: int | None = None,
+                   atp_modules: dict | None = None) -> "Pipeline":
         """The PyTorch reference of `schedule` on an in-memory LlavaForConditionalGeneration and its processor
         (transformers' or a VLMProcessor), without exporting: what the schedule search scores candidates on."""
         if not isinstance(processor, VLMProcessor):
             processor = VLMProcessor.from_hf(processor)
         spec = EngineSpec.build(hf_model.config, schedule, limits, source={"model": "in-memory"})
-        backend = make_backend(spec, "torch", hf_model=hf_model, device=device, dtype=dtype)
+        backend = make_backend(spec, "torch", hf_model=hf_model, device=device, dtype=dtype,
+                               atp_modules=atp_modules)
         return cls(spec, backend, processor, max_pixels)
 
     @property
@@ -183,5 +187,5 @@ class Pipeline:
     @staticmethod
     def _result(seq: Sequence, timings: dict) -> GenerationResult:
         return GenerationResult(text=seq.text.text, token_ids=list(seq.tokens), prompt_token_ids=seq.prompt_token_ids,
-                                kept=seq.kept, finish_reason=seq.finish_reason, timings=dict(timings),
+                                kept=seq.kept, kept_counts=seq.kept_counts, finish_reason=seq.finish_reason, timings=dict(timings),
                                 kv_cache=seq.kv_cache, merged=seq.merged)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leanvlm.models import layout
 from leanvlm.runtime.detokenize import TextState
 from leanvlm.runtime.kv_cache import KVCache
 from leanvlm.runtime.preprocess import Batch
@@ -31,6 +32,7 @@ class Sequence:
     prompt_token_ids: list[int]
     kept: list[list[int]] = field(default_factory=list)  # per stage, into the original image tokens
     merged: list[list[int]] = field(default_factory=list)
+    kept_counts: list[int] = field(default_factory=list)  # per stage: varies per request under adaptive stages
     slot: int = -1
     times: dict = field(default_factory=dict)  # perf_counter stamps: submitted, first_token, finished
     kv_cache: dict = field(default_factory=dict)  # the slot's accounting, taken when it leaves
@@ -96,13 +98,22 @@ class StepRunner:
         del embeds, feats
         self.last_phase_s = {"vision_s": t1 - t0, "embed_s": t2 - t1, "prefill_s": t3 - t2}
         kept, merged = pipe._original_indices(v_kept, v_targets, l_kept, l_targets)
-        slots = self.cache.admit(presents, batch.attention_mask, [p.max_new_tokens for p in params])
+        group_masks = None
+        adaptive = [st.adaptive for st in pipe.schedule.stages]
+        if any(adaptive):  # the batch's K per adaptive stage, and the masked slots in each group's prompt
+            group_masks = layout.group_prompt_masks(batch.attention_mask, batch.image_start,
+                                                    pipe.spec.model.num_image_tokens, l_kept, adaptive)
+        slots = self.cache.admit(presents, batch.attention_mask, [p.max_new_tokens for p in params], group_masks)
+        # adaptive stages mark a sample's masked slots -1 (VisionZip's -1 is CLS, a kept token)
+        masked = [getattr(st, "adaptive", False) for st in [*pipe.schedule.vision_stages, *pipe.schedule.stages]]
         del presents
         seqs = []
         for b, (p, s) in enumerate(zip(params, slots)):
             seq = Sequence(p, TextState(pipe.tokenizer, p.stop, pipe.eos, p.max_new_tokens, p.ignore_eos),
                            np.random.default_rng(p.seed), batch.prompt_token_ids[b],
-                           [k[b].tolist() for k in kept], [[] if m is None else m[b].tolist() for m in merged],
+                           [[i for i in k[b].tolist() if i >= 0 or not a] for k, a in zip(kept, masked)],
+                           [[] if m is None else m[b].tolist() for m in merged],
+                           [int((k[b] >= 0).sum()) if a else k.shape[1] for k, a in zip(kept, masked)],
                            slot=s, tag=tags[b] if tags else None)
             seq.times["submitted"] = submitted[b] if submitted else now
             self.seqs[s] = seq

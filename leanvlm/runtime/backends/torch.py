@@ -17,12 +17,13 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 class TorchBackend(Backend):
     name = "torch"
-    options = ("device", "dtype", "model_path", "hf_model")
+    options = ("device", "dtype", "model_path", "hf_model", "atp_modules")
 
     def __init__(self, spec: EngineSpec, device: str | None = None, dtype: str | None = None,
-                 model_path: str | Path | None = None, hf_model=None):
+                 model_path: str | Path | None = None, hf_model=None, atp_modules: dict | None = None):
         """hf_model: an already loaded LlavaForConditionalGeneration to share (no load, no hash check); it is
-        moved to `device` and cast to `dtype` when those are given."""
+        moved to `device` and cast to `dtype` when those are given. atp_modules: the ATP modules of adaptive
+        stages by layer (default: those saved beside the checkpoint)."""
         import torch
 
         from leanvlm.models import load_model
@@ -49,7 +50,7 @@ class TorchBackend(Backend):
         elif torch_dtype is not None:
             hf_model = hf_model.to(torch_dtype)
         self.dtype = next(hf_model.parameters()).dtype
-        self.ref = ReducedLlava(hf_model.to(self.device), spec.schedule).eval()
+        self.ref = ReducedLlava(hf_model.to(self.device), spec.schedule, atp_modules).eval()
         self.hidden = spec.model.hidden_size
 
     def _t(self, x):
