@@ -10,7 +10,8 @@ arithmetic). A schedule comes from a preset (`fastv`, `pdrop`, `illava`, `vision
       - {layer: 16, keep: 24, action: merge}
 
 `keep` is a fraction of the image tokens out of the vision tower (a float in (0, 1]) or a token count (an
-int: `keep: 1` keeps one token, `keep: 1.0` all of them).
+int: `keep: 1` keeps one token, `keep: 1.0` all of them). An optional top-level `search` mapping records how
+a searched schedule was found (`leanvlm calib`); it does not change the schedule.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PLACES = {
     "projector": (("cls",), ("visionzip",)),
 }
 _STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual", "keep_cls"}
-_FILE_FIELDS = {"stages", "decode_positions"}
+_FILE_FIELDS = {"stages", "decode_positions", "search"}  # search: provenance (leanvlm calib), not read
 VISIONZIP_KEEP_CLS = True  # the reference code sends CLS to the LLM as one of its dominant tokens
 
 
@@ -218,6 +219,8 @@ class Schedule:
         if unknown:
             raise UserError(f"--schedule {path}: unknown top-level field(s) {sorted(unknown)}; known: "
                             f"{sorted(_FILE_FIELDS)}")
+        if not isinstance(data.get("search", {}), dict):
+            raise UserError(f"--schedule {path}: 'search' must be a mapping (the record of a leanvlm calib search)")
         decode_positions = data.get("decode_positions", "group")
         if decode_positions not in DECODE_POSITIONS:
             raise UserError(f"--schedule {path}: decode_positions {decode_positions!r}: choose one of "
