@@ -38,7 +38,8 @@ def _run(fn, *args) -> int:
 def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Export a LLaVA checkpoint with visual-token reduction baked into ONNX graphs.")
     p.add_argument("--model", required=True,
-                   help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
+                   help="alias (llava-7b, llava-13b), built-in model (" + ", ".join(BUILTIN_MODELS) + "), Hugging "
+                        "Face repo id, or local checkpoint directory")
     p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
                    "1 = unreduced (required unless --schedule)")
     p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
