@@ -122,7 +122,10 @@ def fit_budget(num_layers: int, n: int, k: float, x0: float, budget: float, flop
 def psigmoid(scorer: Scorer, budget: float, trials: int, seed: int = 0, text_tokens: int | None = None,
              on_trial: Callable[[Trial], None] | None = None) -> PSigmoidResult:
     """TPE over (k, x0) with r_min fitted to the budget; the best trial's counts as a schedule."""
-    import optuna
+    try:
+        import optuna
+    except ImportError as e:
+        raise UserError("leanvlm calib psigmoid needs optuna: pip install 'leanvlm[calib]'") from e
 
     check_budget(budget)
     check_trials(trials)

@@ -43,6 +43,8 @@ def _prepare(opts: SearchOptions):
 
     if isinstance(opts.n, bool) or not isinstance(opts.n, int) or opts.n < MIN_N:
         raise UserError(f"--n {opts.n}: use at least {MIN_N} calibration samples")
+    if opts.batch < 1:
+        raise UserError(f"--batch {opts.batch}: must be >= 1")
     if opts.text_tokens is not None and opts.text_tokens < 1:
         raise UserError(f"--text-tokens {opts.text_tokens}: must be >= 1")
     check_out(opts.out, opts.force)
