@@ -367,7 +367,7 @@ def _calib(args: argparse.Namespace) -> int:
     from leanvlm.calib.run import SearchOptions, run_gsearch, run_psigmoid
 
     _quiet_transformers()
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     opts = SearchOptions(model=args.model, out=args.out, data=args.data, n=args.n, seed=args.seed, batch=args.batch,
                          force=args.force)
     if args.search == "gsearch":
@@ -388,7 +388,7 @@ def _calib(args: argparse.Namespace) -> int:
             if t.metric is None:
                 console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0:.2f}  over budget")
                 return
-            console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0:.2f}  r_min {t.r_min:.3f}  "
+            console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0_fit:.2f}  r_min {t.r_min:.3f}  "
                           f"FLOPs {t.flops_ratio:.3f}  accuracy {t.metric.accuracy:.3f}  KL {t.metric.kl:.4f}")
 
         result, record = run_psigmoid(opts, show)
