@@ -120,20 +120,26 @@ def accuracy_section() -> list[str]:
 
 
 def schedule_search_section() -> list[str]:
-    """Searched schedules vs presets (schedule-search.json from tools/run_schedule_search.py)."""
-    path = BENCH / "schedule-search.json"
-    if not path.exists():
-        return []
+    """Searched schedules vs presets (schedule-search*.json from tools/run_schedule_search.py)."""
+    lines = []
+    for path in sorted(BENCH.glob("schedule-search*.json"), key=lambda f: (len(f.name), f.name)):
+        lines += _schedule_search(path)
+    return lines
+
+
+def _schedule_search(path: Path) -> list[str]:
     r = json.loads(path.read_text())
     st, base = r["settings"], r["unreduced"]
-    lines = ["## Schedule search (`schedule-search.json`, `schedule-search.png`)", "",
+    png = path.with_suffix(".png").name
+    title = "Schedule search" if path.stem == "schedule-search" else f"Schedule search on {r['model']}"
+    lines = [f"## {title} (`{path.name}`, `{png}`)", "",
              f"Made by `{r['command']}` ({r['total_seconds'] / 60:.0f} min in all). Model: {r['model']}. "
              f"Searches on {r['data']['calibration']}; every schedule answered on {r['data']['evaluation']} by the "
              f"{st['evaluated_on']}. FLOPs: `leanvlm plan`'s model at {st['flops_text_tokens']} text tokens "
              f"(the mean prompt). FastV: {st['fastv']}. PyramidDrop: {st['pdrop']}. The schedule files are in "
-             "`benchmarks/schedule-search/`.", "",
+             f"`benchmarks/{path.stem}/`.", "",
              f"Unreduced: **{base['accuracy']:.1%}** held-out.", "",
-             "![accuracy vs prefill FLOPs](schedule-search.png)", "",
+             f"![accuracy vs prefill FLOPs]({png})", "",
              "| budget | method | prefill FLOPs | held-out accuracy | KL vs unreduced | image tokens per layer |",
              "|---|---|---|---|---|---|"]
     name = {"psigmoid": "**P-Sigmoid**", "pdrop": "PyramidDrop", "gsearch": "**G-Search**"}

@@ -8,8 +8,10 @@ known to pass (it was the previous layer's answer), and the smallest passing cou
 on the grid, which assumes accuracy does not rise as tokens are removed at one layer (the curves we measured
 are monotone up to noise; a non-monotone curve can make bisection stop at a larger count than a scan
 would, never at a failing one). A stage is placed only where the count changes. Each stage ranks tokens by
-the last prompt token's head-mean attention in the layer before it (score_at previous, FastV's exported
-score), keeping original positions.
+the last prompt token's head-mean attention at its own layer (that layer's q and k over the tokens entering it:
+score_at current, as PyramidDrop's exported stage) and renumbers positions. On shapes-llava this beat FastV's
+choice (the previous layer's attention, original positions) at equal counts: 500 held-out questions, counts
+144/41/6/3: 88.2% vs 84.6%, first-token KL 0.43 vs 0.80; counts 144/124/11/11: 93.8% vs 91.4%.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def count_grid(num_image_tokens: int, steps: int = DEFAULT_STEPS) -> list[int]:
 
 
 def stage(layer: int, count: int, n: int) -> LLMStage:
-    """A searched stage: drop to `count` at `layer`'s input, ranked by the previous layer's last-token attention."""
-    return LLMStage(layer=layer, num_keep=count, keep=count / n, score_at="previous", positions="keep")
+    """A searched stage: drop to `count` at `layer`'s input, ranked by the last prompt token's attention at
+    `layer` (see the module docstring), positions renumbered."""
+    return LLMStage(layer=layer, num_keep=count, keep=count / n, score_at="current", positions="renumber")
 
 
 def gsearch(scorer: Scorer, tolerance: float, steps: int = DEFAULT_STEPS,

@@ -8,7 +8,7 @@ For decoder layer l of L, with x = l / (L - 1) and N image tokens:
 
 k > 0 is the steepness (large k: one FastV-like drop; small k: a gradual pyramid), x0 in [0, 1] where on the
 depth the drop is centred, r_min the floor. The counts are non-increasing in l, and a stage is placed at
-every layer where the count changes (ranked by the previous layer's last-token attention, like G-Search's).
+every layer where the count changes (scored and renumbered like G-Search's stages).
 
 The budget B is the prefill FLOPs ratio vs unreduced of `reduction.flops` (the model `leanvlm plan` uses).
 TPE proposes (k, x0); r_min is then the largest floor whose quantised schedule fits the budget (bisection:

@@ -64,7 +64,8 @@ def _record(opts: SearchOptions, method: str, scorer: Scorer, schedule, metric, 
     data = (f"shapes task, calib split (seed {opts.seed}; disjoint from the test split leanvlm eval uses)"
             if str(opts.data) == "shapes" else str(opts.data))
     return {"method": method, "model": opts.model, "data": data, "n": opts.n, "seed": opts.seed, **extra,
-            "metric": METRIC, "score": "last prompt token's head-mean attention in the layer before each stage",
+            "metric": METRIC, "score": "last prompt token's head-mean attention at each stage's layer (score_at current), positions "
+                     "renumbered",
             "unreduced_accuracy": round(scorer.baseline.accuracy, 6), "accuracy": round(metric.accuracy, 6),
             "kl": round(metric.kl, 6), "prefill_flops_ratio": round(flops, 6), "flops_text_tokens": text_tokens,
             "image_tokens_per_layer": schedule.image_tokens_per_layer(), "candidates_scored": scorer.stats.candidates,
