@@ -10,6 +10,7 @@ from leanvlm.errors import EngineError, UserError
 from leanvlm.reduction.schedule import METHODS
 from leanvlm.runtime.backends.base import backend_names
 from leanvlm.spec import defaults
+from leanvlm.models.loading import BUILTIN_MODELS
 from leanvlm.models.tiny import PRESETS, SAVE_DTYPES
 from leanvlm.spec.precision import PRECISIONS
 
@@ -37,7 +38,8 @@ def _run(fn, *args) -> int:
 def _export_parser(prog: str = "export-engine") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Export a LLaVA checkpoint with visual-token reduction baked into ONNX graphs.")
     p.add_argument("--model", required=True,
-                   help="alias (llava-7b, llava-13b, tiny-llava), Hugging Face repo id, or local checkpoint directory")
+                   help="alias (llava-7b, llava-13b), built-in model (" + ", ".join(BUILTIN_MODELS) + "), Hugging "
+                        "Face repo id, or local checkpoint directory")
     p.add_argument("--keep", type=float, help="fraction of image tokens that reach the last stage, in (0, 1]; "
                    "1 = unreduced (required unless --schedule)")
     p.add_argument("--method", choices=METHODS, default=defaults.METHOD,
@@ -517,6 +519,46 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calib(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from leanvlm.calib.run import SearchOptions, run_gsearch, run_psigmoid
+
+    _quiet_transformers()
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    opts = SearchOptions(model=args.model, out=args.out, data=args.data, n=args.n, seed=args.seed, batch=args.batch,
+                         force=args.force)
+    if args.search == "gsearch":
+        opts.tolerance, opts.steps = args.tolerance, args.steps
+        console.print(f"G-Search on {args.model}: {args.n} calibration samples, tolerance {args.tolerance}")
+
+        def show(c) -> None:
+            console.print(f"layer {c.layer:3d}  keep {c.keep_str:>9s}  accuracy {c.metric.accuracy:.3f}  "
+                          f"KL {c.metric.kl:.4f}  {'[green]pass[/green]' if c.passed else '[red]fail[/red]'}")
+
+        result, record = run_gsearch(opts, show)
+    else:
+        opts.budget, opts.trials, opts.text_tokens = args.budget, args.trials, args.text_tokens
+        console.print(f"P-Sigmoid on {args.model}: {args.n} calibration samples, prefill FLOPs budget {args.budget}, "
+                      f"{args.trials} trials")
+
+        def show(t) -> None:
+            if t.metric is None:
+                console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0:.2f}  over budget")
+                return
+            console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0_fit:.2f}  r_min {t.r_min:.3f}  "
+                          f"FLOPs {t.flops_ratio:.3f}  accuracy {t.metric.accuracy:.3f}  KL {t.metric.kl:.4f}")
+
+        result, record = run_psigmoid(opts, show)
+    console.print(f"unreduced accuracy {record['unreduced_accuracy']:.3f}; schedule accuracy {record['accuracy']:.3f}, "
+                  f"KL {record['kl']:.4f}, prefill FLOPs {record['prefill_flops_ratio']:.3f} of unreduced "
+                  f"({record['flops_text_tokens']} text tokens); image tokens per layer "
+                  f"{record['image_tokens_per_layer']}; {record['candidates_scored']} candidates in "
+                  f"{record['wall_time_s']:.0f} s")
+    print(f"wrote {args.out} (export with: export-engine --model {args.model} --schedule {args.out})")
+    return 0
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: 64, or the engine's limit if lower")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -629,6 +671,39 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas (default 1)")
     _add_backend_arg(sv)
     sv.set_defaults(func=_serve)
+
+    from leanvlm.calib.gsearch import DEFAULT_STEPS
+
+    c = sub.add_parser("calib", help="search a reduction schedule on calibration data (G-Search, P-Sigmoid)")
+    searches = c.add_subparsers(dest="search", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--model", required=True, help=f"as for export-engine ({', '.join(BUILTIN_MODELS)}, an "
+                        "alias, a hub id or a local checkpoint)")
+    common.add_argument("--data", default="shapes", help="'shapes' (the shapes task's calib split, disjoint from "
+                        "leanvlm eval's test split) or a JSONL file {image, question, answers} per line (default shapes)")
+    common.add_argument("--n", type=int, default=200, help="calibration samples (default 200)")
+    common.add_argument("--out", type=Path, required=True, help="schedule file to write (YAML, for "
+                        "export-engine --schedule)")
+    common.add_argument("--seed", type=int, default=0, help="shapes data seed and optimiser seed (default 0)")
+    common.add_argument("--batch", type=int, default=32, help="calibration requests per batch (default 32)")
+    common.add_argument("--force", action="store_true", help="replace an existing --out")
+    gs = searches.add_parser("gsearch", parents=[common], help="fewest tokens per layer within an accuracy tolerance",
+                             description="G-Search: from shallow to deep layers, the fewest image tokens each layer "
+                                         "keeps while calibration accuracy stays within --tolerance of unreduced.")
+    gs.add_argument("--tolerance", type=float, default=0.01, help="accepted accuracy drop, a fraction (default "
+                    "0.01 = one point); must be 0 or at least 1/--n")
+    gs.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="count grid: multiples of image tokens/STEPS "
+                    f"(default {DEFAULT_STEPS})")
+    gs.set_defaults(func=_calib)
+    ps = searches.add_parser("psigmoid", parents=[common], help="best accuracy within a prefill FLOPs budget",
+                             description="P-Sigmoid: keep counts on a sigmoid over depth, its parameters tuned by "
+                                         "Bayesian optimisation (optuna TPE) for accuracy within --budget.")
+    ps.add_argument("--budget", type=float, required=True, help="prefill FLOPs vs unreduced, in (0, 1] (the FLOPs "
+                    "model of leanvlm plan)")
+    ps.add_argument("--trials", type=int, default=30, help="optimisation trials (default 30)")
+    ps.add_argument("--text-tokens", type=int, help="prompt text tokens the FLOPs are computed for (default: the "
+                    "calibration prompts' mean)")
+    ps.set_defaults(func=_calib)
     return p
 
 

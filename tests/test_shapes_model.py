@@ -12,6 +12,7 @@ from leanvlm.eval.harness import evaluate, shapes_items
 from leanvlm.models.loading import SHIPPED_DIR, resolve_model
 
 STATED_ACCURACY = 0.91  # README: 95.6% on 500 held-out questions, 93.8% on these 96 (2 answers of margin)
+STATED_ACCURACY_8L = 0.91  # the issue asks >= 95% on 500; set from the measured value once the checkpoint ships
 SAMPLE = 96  # the first 96 questions of the test split (seed 0): fixed, quick
 
 
@@ -23,12 +24,30 @@ def shapes_engine(tmp_path_factory):
     return export_engine(ExportOptions(model="shapes-llava", keep=1.0, out=out, max_batch=32)).out
 
 
-def test_shipped_checkpoint_is_builtin_and_small():
-    path = resolve_model("shapes-llava")
-    assert path == SHIPPED_DIR / "shapes-llava"
+@pytest.mark.parametrize("name, layers", [("shapes-llava", 4), ("shapes-llava-8l", 8)])
+def test_shipped_checkpoint_is_builtin_and_small(name, layers):
+    from transformers import LlavaConfig
+
+    path = resolve_model(name)
+    assert path == SHIPPED_DIR / name
     weights = sum(f.stat().st_size for f in path.iterdir())
     assert weights <= 25 * 2**20, f"{weights / 2**20:.1f} MiB > 25 MiB"
     assert {f.name for f in path.glob("*.safetensors")} and not list(path.glob("*.bin"))
+    cfg = LlavaConfig.from_pretrained(path)
+    assert cfg.text_config.num_hidden_layers == layers and (cfg.vision_config.image_size // 8) ** 2 == 144
+
+
+def test_deeper_checkpoint_reaches_stated_accuracy():
+    """shapes-llava-8l, unreduced, on the PyTorch reference (its engines match it: parity tests)."""
+    from leanvlm.models import load_model
+    from leanvlm.reduction.schedule import Schedule
+    from leanvlm.runtime import Pipeline
+    from leanvlm.spec.engine import Limits
+
+    loaded = load_model("shapes-llava-8l")
+    pipe = Pipeline.from_model(loaded.model, loaded.processor, Schedule(8, 144), Limits(max_batch=32))
+    report = evaluate(pipe, shapes_items(SAMPLE), batch_size=32)
+    assert report.accuracy >= STATED_ACCURACY_8L, report.per_type
 
 
 def test_task_words_are_single_tokens():
@@ -51,6 +70,8 @@ def test_missing_shipped_checkpoint_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "SHIPPED_DIR", tmp_path)
     with pytest.raises(UserError, match="shapes-llava.*missing.*tools/train_shapes.py"):
         resolve_model("shapes-llava")
+    with pytest.raises(UserError, match="shapes-llava-8l.*missing.*train_shapes.py.*--text-layers 8"):
+        resolve_model("shapes-llava-8l")
 
 
 def test_shipped_checkpoint_reaches_stated_accuracy(shapes_engine):

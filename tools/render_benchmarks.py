@@ -88,6 +88,7 @@ def main() -> None:
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
     lines += accuracy_section()
     lines += adaptive_section()
+    lines += schedule_search_section()
     lines += precision_sections()
     lines += gpu_section()
     lines += scale_section()
@@ -149,6 +150,58 @@ def adaptive_section() -> list[str]:
               f"{r['ratio_of_means']:.3f} (ratio of means); adaptive --static-cap / FastV: "
               f"{sp['static_cap_over_fastv']:.3f}.", ""]
     return lines
+
+
+def schedule_search_section() -> list[str]:
+    """Searched schedules vs presets (schedule-search*.json from tools/run_schedule_search.py)."""
+    lines = []
+    for path in sorted(BENCH.glob("schedule-search*.json"), key=lambda f: (len(f.name), f.name)):
+        lines += _schedule_search(path)
+    return lines
+
+
+def _schedule_search(path: Path) -> list[str]:
+    r = json.loads(path.read_text())
+    st, base = r["settings"], r["unreduced"]
+    png = path.with_suffix(".png").name
+    title = "Schedule search" if path.stem == "schedule-search" else f"Schedule search on {r['model']}"
+    lines = [f"## {title} (`{path.name}`, `{png}`)", "",
+             f"Made by `{r['command']}` ({r['total_seconds'] / 60:.0f} min in all). Model: {r['model']}. "
+             f"Searches on {r['data']['calibration']}; every schedule answered on {r['data']['evaluation']} by the "
+             f"{st['evaluated_on']}. FLOPs: `leanvlm plan`'s model at {st['flops_text_tokens']} text tokens "
+             f"(the mean prompt). FastV: {st['fastv']}. PyramidDrop: {st['pdrop']}. The schedule files are in "
+             f"`benchmarks/{path.stem}/`.", "",
+             f"Unreduced: **{base['accuracy']:.1%}** held-out.", "",
+             f"![accuracy vs prefill FLOPs]({png})", "",
+             "| budget | method | prefill FLOPs | held-out accuracy | KL vs unreduced | image tokens per layer |",
+             "|---|---|---|---|---|---|"]
+    name = {"psigmoid": "**P-Sigmoid**", "pdrop": "PyramidDrop", "gsearch": "**G-Search**"}
+    for b in st["budgets"]:
+        for row in r["rows"]:
+            if row.get("budget") != b or (row["method"] == "fastv" and not row.get("best_k")):
+                continue
+            label = f"FastV K={row['layer']} (best K)" if row["method"] == "fastv" else name[row["method"]]
+            lines.append(f"| {b} | {label} | {row['prefill_flops_ratio']:.3f} | {row['accuracy']:.1%} | "
+                         f"{row['kl']:.4f} | {row['image_tokens_per_layer']} |")
+    g = next(row for row in r["rows"] if row["method"] == "gsearch")
+    lines.append(f"| - | {name['gsearch']} (tolerance {st['tolerance']}) | {g['prefill_flops_ratio']:.3f} | "
+                 f"{g['accuracy']:.1%} | {g['kl']:.4f} | {g['image_tokens_per_layer']} |")
+    lines += ["", "| search | calibration accuracy (unreduced) | candidates scored | wall time |", "|---|---|---|---|"]
+    for key, sr in r["searches"].items():
+        what = f"tolerance {sr['tolerance']}" if sr["method"] == "gsearch" else f"budget {sr['budget']}, {sr['trials']} trials"
+        lines.append(f"| {sr['method']} ({what}) | {sr['accuracy']:.1%} ({sr['unreduced_accuracy']:.1%}) | "
+                     f"{sr['candidates_scored']} | {sr['wall_time_s']:.0f} s |")
+    sp = r.get("search_speed")
+    if sp:
+        lines += ["", f"Search speed (G-Search, tolerance {sp['tolerance']}, {sp['n']} calibration samples, same "
+                  f"schedule found both ways): scoring every candidate from scratch {sp['naive']['seconds']:.0f} s "
+                  f"({sp['naive']['vision_runs']} vision-tower runs, {sp['naive']['layers_run']} decoder-layer "
+                  f"passes per batch); with the cached vision output and resumed layer states "
+                  f"{sp['resumed']['seconds']:.0f} s ({sp['resumed']['vision_runs']} vision runs, "
+                  f"{sp['resumed']['layers_run']} layer passes, {sp['resumed']['layers_resumed']} skipped): "
+                  f"**{sp['speedup']:.2f}x**. Decode steps, preprocessing and the layers after each candidate's "
+                  "first changed layer are not shared, which bounds the gain."]
+    return lines + [""]
 
 
 def _mib(n: float | None) -> str:

@@ -20,7 +20,7 @@ SHAPES = ("circle", "square", "triangle")
 CELLS = ("top left", "top", "top right", "left", "middle", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("colour_at", "left_of", "count", "exists")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "calib")  # calib: schedule searches (leanvlm calib), never trained on or evaluated
 IMAGE_SIZE = 96  # shapes-llava's input size: each grid cell is 4x4 patches of 8 px
 
 
@@ -108,6 +108,6 @@ def sample(seed: int, split: str, index: int, size: int = IMAGE_SIZE) -> Sample:
 
 
 def generate(n: int, seed: int = 0, split: str = "test", size: int = IMAGE_SIZE) -> list[Sample]:
-    """n samples of a split. train and test use disjoint random streams."""
+    """n samples of a split. Each split (train, test, calib) has its own random stream."""
     return [sample(seed, split, i, size) for i in range(n)]
 

@@ -15,8 +15,9 @@ MODEL_ALIASES: dict[str, str] = {
     "llava-13b": "llava-hf/llava-1.5-13b-hf",
 }
 # Built-in checkpoints (no download needed): tiny-llava is made on first use (random weights, for parity
-# tests); shapes-llava is trained on the shapes task by tools/train_shapes.py and ships inside the package.
-BUILTIN_MODELS = ("tiny-llava", "shapes-llava")
+# tests); shapes-llava (4 decoder layers) and shapes-llava-8l (8, deep enough for a per-layer schedule search) are
+# trained on the shapes task by tools/train_shapes.py and ship inside the package.
+BUILTIN_MODELS = ("tiny-llava", "shapes-llava", "shapes-llava-8l")
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets"
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -43,7 +44,8 @@ def cache_dir() -> Path:
 def resolve_model(name: str) -> Path:
     """Turn a `--model` value into a local checkpoint directory, or raise a `UserError` saying how to get it."""
     if not name or not name.strip():
-        raise UserError("--model is empty: give an alias (llava-7b, llava-13b, tiny-llava, shapes-llava), a hub id or a local path")
+        raise UserError(f"--model is empty: give an alias ({', '.join([*MODEL_ALIASES, *BUILTIN_MODELS])}), a hub id "
+                        "or a local path")
     if name in BUILTIN_MODELS:
         return _builtin(name)
     repo = MODEL_ALIASES.get(name, name)
@@ -84,8 +86,10 @@ def _builtin(name: str) -> Path:
     if name != "tiny-llava":
         path = SHIPPED_DIR / name
         if not (path / "config.json").is_file():
+            layers = (f" --text-layers 8 --expand-from {SHIPPED_DIR / 'shapes-llava'} --steps 300 --lr 3e-4 --warmup 30"
+                      if name == "shapes-llava-8l" else "")
             raise UserError(f"--model {name}: the shipped checkpoint is missing from {path}; reinstall leanvlm "
-                            f"or retrain it with tools/train_shapes.py --out {path}")
+                            f"or retrain it with tools/train_shapes.py --out {path} --seed 0{layers}")
         return path
     path = cache_dir() / name
     if not (path / "config.json").is_file():

@@ -16,7 +16,8 @@ the KV cache, `spatial` tokens on a uniform grid are always kept (spatial augmen
 always runs K = cap tokens (masking only) for targets that need static shapes.
 
 `keep` is a fraction of the image tokens out of the vision tower (a float in (0, 1]) or a token count (an
-int: `keep: 1` keeps one token, `keep: 1.0` all of them).
+int: `keep: 1` keeps one token, `keep: 1.0` all of them). An optional top-level `search` mapping records how
+a searched schedule was found (`leanvlm calib`); it does not change the schedule.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ PLACES = {
 _STAGE_FIELDS = {"where", "layer", "keep", "score", "action", "score_at", "positions", "contextual", "keep_cls",
                  "kind", "cap", "min", "spatial", "static"}
 ADAPTIVE_FIELDS = ("cap", "min", "spatial", "static")
-_FILE_FIELDS = {"stages", "decode_positions"}
+_FILE_FIELDS = {"stages", "decode_positions", "search"}  # search: provenance (leanvlm calib), not read
 VISIONZIP_KEEP_CLS = True  # the reference code sends CLS to the LLM as one of its dominant tokens
 
 
@@ -252,6 +253,8 @@ class Schedule:
         if unknown:
             raise UserError(f"--schedule {path}: unknown top-level field(s) {sorted(unknown)}; known: "
                             f"{sorted(_FILE_FIELDS)}")
+        if not isinstance(data.get("search", {}), dict):
+            raise UserError(f"--schedule {path}: 'search' must be a mapping (the record of a leanvlm calib search)")
         decode_positions = data.get("decode_positions", "group")
         if decode_positions not in DECODE_POSITIONS:
             raise UserError(f"--schedule {path}: decode_positions {decode_positions!r}: choose one of "

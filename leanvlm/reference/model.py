@@ -9,6 +9,7 @@ wrappers trace exactly these methods: the reference and the graphs share one sou
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -203,43 +204,56 @@ class ReducedLlava(nn.Module):
         L_g depends on the layer's cache group, per stage the kept image-token indices [B, k] (into the
         LLM's image tokens), and per merge stage the token that absorbed the others [B, 1].
         """
-        h = inputs_embeds
-        n_image = self.schedule.llm_image_tokens
-        mask = self._prefill_mask(attention_mask)
-        cos, sin = self.lm.rotary_emb(h, position_ids)
-        presents: list[tuple[torch.Tensor, torch.Tensor]] = []
-        kept_all: list[torch.Tensor] = []
-        targets_all: list[torch.Tensor] = []  # merge stages only, in stage order
-        original = None  # [B, n_image]: original image-token index of each current image token
-        valid = None  # after an adaptive stage: [B, n_image] bool, False for the slots masked beyond a sample's count
-        scores = None
-        for i, layer in enumerate(self.lm.layers):
+        state = self.prefill_start(inputs_embeds, attention_mask, position_ids, image_start)
+        self.prefill_layers(state, 0, self.num_layers)
+        return self.prefill_finish(state)
+
+    def prefill_start(self, inputs_embeds, attention_mask, position_ids, image_start) -> "PrefillState":
+        """The state at the input of decoder layer 0 (see `prefill_layers`)."""
+        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)
+        return PrefillState(inputs_embeds, attention_mask, position_ids, image_start, self._prefill_mask(attention_mask),
+                            cos, sin, self.schedule.llm_image_tokens)
+
+    def prefill_layers(self, state: "PrefillState", start: int, stop: int, score_every_layer: bool = False) -> None:
+        """Advance `state` (at the input of layer `start`, before that layer's stage) through layers
+        start..stop-1, applying their stages. The state at a layer's input depends only on the stages of earlier
+        layers, so a schedule search resumes candidates that share those from one saved state (`state.copy()`).
+        score_every_layer: keep every layer's last-token scores in the state, so a candidate may put a
+        score_at "previous", last_token stage at any layer it resumes at."""
+        for i in range(start, stop):
+            layer = self.lm.layers[i]
             stage = self.schedule.stage_at(i)
             if stage is not None and stage.adaptive:
-                h, attention_mask, position_ids, local, valid = self.reduce[scope_key("llm", stage.layer)](
-                    self._apply_adaptive, stage, h, scores, attention_mask, position_ids, image_start, n_image,
-                    original, valid)
-                original = local if original is None else torch.gather(original, 1, local)
-                mask = self._prefill_mask(attention_mask)
-                cos, sin = self.lm.rotary_emb(h, position_ids)
-                n_image = local.shape[1]  # data-dependent: the batch's largest count (or the cap when static)
-                kept_all.append(torch.where(valid, original, torch.full_like(original, -1)))
+                h, mask_2d, pos, local, state.valid = self.reduce[scope_key("llm", stage.layer)](
+                    self._apply_adaptive, stage, state.h, state.scores, state.attention_mask, state.position_ids,
+                    state.image_start, state.n_image, state.original, state.valid)
+                state.h, state.attention_mask, state.position_ids = h, mask_2d, pos
+                state.original = local if state.original is None else torch.gather(state.original, 1, local)
+                state.mask = self._prefill_mask(mask_2d)
+                state.cos, state.sin = self.lm.rotary_emb(h, pos)
+                state.n_image = local.shape[1]  # data-dependent: the batch's largest count (or the cap when static)
+                state.kept.append(torch.where(state.valid, state.original, torch.full_like(state.original, -1)))
             elif stage is not None:
-                h, attention_mask, position_ids, local, target = self.reduce[scope_key("llm", stage.layer)](
-                    self._apply_stage, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin,
-                    mask, n_image)
+                h, mask_2d, pos, local, target = self.reduce[scope_key("llm", stage.layer)](
+                    self._apply_stage, stage, layer, state.h, state.scores, state.attention_mask, state.position_ids,
+                    state.image_start, state.cos, state.sin, state.mask, state.n_image)
+                state.h, state.attention_mask, state.position_ids = h, mask_2d, pos
                 if target is not None:
-                    targets_all.append(target if original is None else torch.gather(original, 1, target))
-                original = local if original is None else torch.gather(original, 1, local)
-                mask = self._prefill_mask(attention_mask)
-                cos, sin = self.lm.rotary_emb(h, position_ids)
-                n_image = stage.num_keep
-                kept_all.append(original)
+                    state.targets.append(target if state.original is None else torch.gather(state.original, 1, target))
+                state.original = local if state.original is None else torch.gather(state.original, 1, local)
+                state.mask = self._prefill_mask(mask_2d)
+                state.cos, state.sin = self.lm.rotary_emb(h, pos)
+                state.n_image = stage.num_keep
+                state.kept.append(state.original)
             scorer = self.schedule.scores_at(i)
-            h, k, v, scores = self._layer(layer, h, cos, sin, mask, None, None, scorer, attention_mask)
-            presents.append((k, v))
-        logits = self.hf.lm_head(self.lm.norm(h[:, -1])).float()
-        return logits, presents, kept_all, targets_all
+            state.h, k, v, state.scores = self._layer(layer, state.h, state.cos, state.sin, state.mask, None, None,
+                                                      scorer, state.attention_mask, score_every_layer)
+            state.presents.append((k, v))
+
+    def prefill_finish(self, state: "PrefillState"):
+        """(logits, presents, kept, targets) of a state that has run every layer (see `prefill`)."""
+        logits = self.hf.lm_head(self.lm.norm(state.h[:, -1])).float()
+        return logits, state.presents, state.kept, state.targets
 
     def _apply_stage(self, stage, layer, h, scores, attention_mask, position_ids, image_start, cos, sin, mask,
                      n_image: int):
@@ -346,11 +360,11 @@ class ReducedLlava(nn.Module):
         k = repeat_kv(self._project(attn.k_proj, x, cos, sin, self.num_kv_heads), self.num_heads // self.num_kv_heads)
         return select.last_query_scores(q, k, mask[:, :, -1:], attn.scaling)
 
-    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, scorer=None, query_mask=None):
+    def _layer(self, layer, h, cos, sin, mask, past_k, past_v, scorer=None, query_mask=None, score_last=False):
         """One decoder layer. With `scorer` (the stage scored by this layer) also returns head-mean attention
         scores over the keys [B, S] by the stage's score: from the last query row only ("last_token"), or
         averaged over every non-pad query row ("mean_received": this layer's full attention matrix is then
-        computed explicitly)."""
+        computed explicitly). score_last: last-token scores even without a stage (schedule search)."""
         attn = layer.self_attn
         b, t, _ = h.shape
         x = layer.input_layernorm(h)
@@ -369,6 +383,8 @@ class ReducedLlava(nn.Module):
         if scorer is not None and scorer.score == "last_token":
             scores = self.reduce[scope_key("llm", scorer.layer)](select.last_query_scores, q[:, :, -1:], kr,
                                                                  mask[:, :, -1:], attn.scaling)
+        elif score_last and scorer is None:
+            scores = select.last_query_scores(q[:, :, -1:], kr, mask[:, :, -1:], attn.scaling)
         o = attn.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         h = h + o
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -386,6 +402,31 @@ class ReducedLlava(nn.Module):
     def _decode_mask(mask: torch.Tensor) -> torch.Tensor:
         """Key-padding mask for one query, additive [B, 1, 1, S], float32."""
         return torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
+
+
+@dataclass
+class PrefillState:
+    """Everything prefill carries from one decoder layer to the next: hidden states, the (reduced) mask and
+    positions, the last scores, and what earlier layers produced (KV, kept indices, merge targets)."""
+
+    h: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_start: torch.Tensor
+    mask: torch.Tensor  # additive [B, 1, L, L]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    n_image: int
+    scores: torch.Tensor | None = None  # the previous layer's scores over the sequence, if it computed any
+    original: torch.Tensor | None = None  # [B, n_image]: original image-token index of each current image token
+    valid: torch.Tensor | None = None  # after an adaptive stage: [B, n_image] bool, False beyond a sample's count
+    presents: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    targets: list = field(default_factory=list)  # merge stages only, in stage order
+
+    def copy(self) -> "PrefillState":
+        """A copy that can advance on its own (tensors are shared: layers replace them, never write into them)."""
+        return replace(self, presents=list(self.presents), kept=list(self.kept), targets=list(self.targets))
 
 
 @contextlib.contextmanager
