@@ -86,11 +86,44 @@ def main() -> None:
     ops = ex["exports"][1]["prefill_ops"]
     lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
+    lines += decode_vs_genai_section()
     lines += accuracy_section()
     lines += precision_sections()
     lines += gpu_section()
     lines += scale_section()
     (BENCH / "README.md").write_text("\n".join(lines))
+
+
+def decode_vs_genai_section() -> list[str]:
+    path = BENCH / "decode-vs-genai.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    st, res = d["settings"], d["results"]
+    first = res["genai"]
+    lines = ["", "## Decode vs ONNX Runtime GenAI, CPU (`decode-vs-genai.json`)", "",
+             f"Made by `{d['command'].strip()}` (onnxruntime-genai {d['machine']['onnxruntime_genai']}). "
+             f"{d['config']}. Prompt {first['prompt_tokens']} tokens, {st['new_tokens']} new tokens, "
+             f"{st['threads']} intra-op threads; each configuration in its own process, configurations alternating "
+             f"over {st['rounds']} rounds, each process the median of {st['repeats']} runs after {st['warmup']} "
+             "warm-ups; the table gives the median over rounds (per-round medians in brackets). End to end = a full "
+             "`Pipeline.generate` (leanvlm) or GenAI's generator loop, decode tokens/s after the first token. "
+             "Graph only = the two decode graphs alone in sessions with identical options (prepacked).", "",
+             "| configuration | decode tok/s | per round | vs GenAI end to end |", "|---|---|---|---|"]
+    g = first["tokens_per_s_median"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['tokens_per_s_median']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['per_round_medians'])} | "
+                     f"{r['tokens_per_s_median'] / g:.2f}x |" if not name.startswith("graph") else
+                     f"| {name} | {r['tokens_per_s_median']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['per_round_medians'])} | |")
+    ratios = ", ".join(f"{'spinning' if k else 'not spinning'} {v:.2f}x" for k, v in d["graph_only_ratios"].items())
+    nodes = d["decode_graph_nodes"]
+    lines += ["", f"Graph only, leanvlm / GenAI: {ratios}. Decode graph nodes after ONNX Runtime's optimisation: "
+              f"leanvlm {nodes['leanvlm']['optimized']} ({nodes['leanvlm']['exported']} exported), GenAI "
+              f"{nodes['genai']['optimized']} (fused GroupQueryAttention, SkipSimplifiedLayerNormalization "
+              "contrib ops)."]
+    return lines
 
 
 def accuracy_section() -> list[str]:

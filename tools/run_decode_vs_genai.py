@@ -9,18 +9,21 @@ language model and lm_head as a LlamaForCausalLM checkpoint and builds GenAI's m
 builder (`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`). Needs `pip install onnxruntime-genai`.
 
 Both sides run a 646-token prompt (576 image tokens + 70 text tokens for leanvlm, 646 text tokens for GenAI:
-the decoder sees the same length) and generate 32 tokens greedily without stopping at EOS; decode tokens/s is
-(tokens - 1) / (time from the first token to the last), prefill excluded, per-step Python included on both
-sides (leanvlm: a full `Pipeline.generate`; GenAI: its `Generator.generate_next_token` loop, with its KV
-buffer sized to prompt + new tokens as leanvlm's is). Each configuration runs in its own process, the
-configurations alternate round by round (interleaved: machine noise hits all alike), and a process reports
-the median of its repeats after warm-up; the report takes the median over rounds.
+the decoder sees the same length) and generate 32 tokens greedily without stopping at EOS, prefill excluded,
+per-step Python included on both sides (leanvlm: full `Pipeline.generate` calls; GenAI: its
+`Generator.generate_next_token` loop, with its KV buffer sized to prompt + new tokens as leanvlm's is). Decode
+tokens/s is given per wall-clock second and per second of the process's CPU time; the latter, at 1 intra-op
+thread, is the steady one on a shared machine (wall time there moves with everything else running). Each
+configuration runs in its own process, configurations alternate round by round (interleaved), a process
+reports the median of its repeats after warm-up, the report the median over rounds; end-to-end processes
+also report their peak memory (PSS, anonymous + file-backed).
 
 Settings that differ by default: leanvlm's float engines do not prepack weights (every session reads the one
 memory-mapped weights file) and its sessions do not spin; GenAI's session prepacks and spins (ONNX Runtime's
 defaults; its genai_config has no spinning switch). End to end, leanvlm runs as shipped and with
 `prepack="decode"`. "graph only" runs the two decode graphs alone with identical session options (prepacked,
-spinning off, then on), which separates the graphs from the runtimes around them.
+not spinning), which separates the graphs from the runtimes around them; `--compare-engine` adds another
+engine's decode graph (before/after a graph change).
 """
 
 from __future__ import annotations
@@ -77,64 +80,77 @@ def extract_llama(checkpoint: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)
 
 
-def set_genai_threads(genai: Path, threads: int) -> None:
-    """GenAI reads its session options from genai_config.json."""
-    path = genai / "genai_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    path.write_text(json.dumps(cfg, indent=4))
-
-
 # ---- one configuration, in a child process ---------------------------------------------------------
+# Each child reports decode tokens/s twice: per wall-clock second (what a user sees; on a loaded machine it
+# moves with everything else running) and per second of this process's CPU time (all its threads; with one
+# intra-op thread this is the work itself, and it barely moves with the machine's load).
+
 def child_leanvlm(engine: str, threads: int, new_tokens: int, repeats: int, warmup: int, prepack=None) -> dict:
+    """Full `Pipeline.generate` calls. CPU time per decode token: a generate of `new_tokens` minus one of a
+    single token (prompt, vision, prefill and first token alike), over new_tokens - 1."""
     from transformers.utils import logging as hf_logging
 
     from leanvlm.runtime import Pipeline
-    from leanvlm.runtime.bench import _image, _prompt_with_text_tokens
+    from leanvlm.runtime.bench import MemorySampler, _image, _prompt_with_text_tokens
 
     hf_logging.set_verbosity_error()
-    pipe = Pipeline.load(engine, threads=threads, prepack=prepack)
-    prompt, text_tokens = _prompt_with_text_tokens(pipe, TEXT_TOKENS)
-    image = _image(pipe)
-    runs = []
-    for i in range(warmup + repeats):
-        r = pipe.generate(image, prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        if i >= warmup:
-            runs.append(r.timings["decode_tokens_per_s"])
-    return {"tokens_per_s": runs, "prompt_tokens": len(r.prompt_token_ids), "new_tokens": len(r.token_ids)}
+    with MemorySampler() as memory:
+        pipe = Pipeline.load(engine, threads=threads, prepack=prepack)
+        prompt, _ = _prompt_with_text_tokens(pipe, TEXT_TOKENS)
+        image = _image(pipe)
+        wall, cpu = [], []
+        for i in range(warmup + repeats):
+            c0 = time.process_time()
+            pipe.generate(image, prompt, max_new_tokens=1)
+            c1 = time.process_time()
+            r = pipe.generate(image, prompt, max_new_tokens=new_tokens, ignore_eos=True)
+            c2 = time.process_time()
+            if i >= warmup:
+                wall.append(r.timings["decode_tokens_per_s"])
+                cpu.append((new_tokens - 1) / max((c2 - c1) - (c1 - c0), 1e-9))
+    return {"tokens_per_s": wall, "tokens_per_cpu_s": cpu, "prompt_tokens": len(r.prompt_token_ids),
+            "new_tokens": len(r.token_ids), "peak_memory_bytes": memory.peak}
 
 
-def child_genai(model_dir: str, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int) -> dict:
+def child_genai(model_dir: str, threads: int, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
-    model = og.Model(og.Config(model_dir))
-    ids = np.random.default_rng(0).integers(5, 32000, prompt_tokens).astype(np.int32)
-    total = prompt_tokens + new_tokens
-    runs = []
-    for i in range(warmup + repeats):
-        params = og.GeneratorParams(model)
-        # KV buffer sized to this request (past_present_share_buffer), no EOS stop, greedy: leanvlm's settings
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)  # prefill
-        gen.generate_next_token()  # the first token, from the prefill's logits
-        t0 = time.perf_counter()
-        steps = 0
-        while not gen.is_done():
-            gen.generate_next_token()  # one decode run, then the next token
-            steps += 1
-        if i >= warmup:
-            runs.append(steps / (time.perf_counter() - t0))
-        del gen
-    return {"tokens_per_s": runs, "prompt_tokens": prompt_tokens, "new_tokens": steps + 1}
+    from leanvlm.runtime.bench import MemorySampler
+
+    with MemorySampler() as memory:
+        config = og.Config(model_dir)
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        model = og.Model(config)
+        ids = np.random.default_rng(0).integers(5, 32000, prompt_tokens).astype(np.int32)
+        total = prompt_tokens + new_tokens
+        wall, cpu = [], []
+        for i in range(warmup + repeats):
+            params = og.GeneratorParams(model)
+            # KV buffer sized to this request (past_present_share_buffer), no EOS stop, greedy: leanvlm's settings
+            params.set_search_options(max_length=total, min_length=total, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(ids)  # prefill
+            gen.generate_next_token()  # the first token, from the prefill's logits
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps = 0
+            while not gen.is_done():
+                gen.generate_next_token()  # one decode run, then the next token
+                steps += 1
+            if i >= warmup:
+                wall.append(steps / (time.perf_counter() - t0))
+                cpu.append(steps / (time.process_time() - c0))
+            del gen
+    return {"tokens_per_s": wall, "tokens_per_cpu_s": cpu, "prompt_tokens": prompt_tokens, "new_tokens": steps + 1,
+            "peak_memory_bytes": memory.peak}
 
 
 def child_graph(graph: str, path: str, threads: int, spin: bool, prompt_tokens: int, new_tokens: int, repeats: int,
                 warmup: int) -> dict:
-    """The decode graph alone, in an InferenceSession with the same options on both sides (no tokenizer,
-    sampling or embedding): leanvlm's through OrtBackend.decode on KVCache-style buffers and masks, GenAI's with
-    its past and present bound to one shared buffer per layer (how GenAI runs it, past_present_share_buffer)."""
+    """The decode graph alone, in an InferenceSession with the same options on both sides (prepacked, as GenAI's;
+    no tokenizer, sampling or embedding): leanvlm's through OrtBackend.decode on KVCache-style buffers and masks,
+    GenAI's with its past and present bound to one shared buffer per layer (how GenAI runs it,
+    past_present_share_buffer)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -148,7 +164,7 @@ def child_graph(graph: str, path: str, threads: int, spin: bool, prompt_tokens: 
 
         spec = load_engine_spec(path)
         os.environ["LEANVLM_ORT_SPIN"] = "1" if spin else "0"
-        backend = OrtBackend(spec, threads=threads, prepack="decode")  # as GenAI's session: prepacked
+        backend = OrtBackend(spec, threads=threads, prepack="decode")
         m = spec.model
         past = [tuple(np.zeros((1, m.num_kv_heads, total, m.head_dim), np.float32) for _ in range(2))
                 for _ in range(m.num_layers)]
@@ -187,15 +203,16 @@ def child_graph(graph: str, path: str, threads: int, spin: bool, prompt_tokens: 
 
         def reset() -> None:
             pass
-    runs = []
+    wall, cpu = [], []
     for i in range(warmup + repeats):
         reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for n in range(prompt_tokens, total - 1):
             step(n)
         if i >= warmup:
-            runs.append((new_tokens - 1) / (time.perf_counter() - t0))
-    return {"tokens_per_s": runs, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+            wall.append((new_tokens - 1) / (time.perf_counter() - t0))
+            cpu.append((new_tokens - 1) / (time.process_time() - c0))
+    return {"tokens_per_s": wall, "tokens_per_cpu_s": cpu, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
 
 
 def run_child(kind: str, args: dict, env: dict | None = None) -> dict:
@@ -241,6 +258,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "decode-vs-genai.json")
+    ap.add_argument("--compare-engine", type=Path, help="also run the decode graph of this engine (e.g. one "
+                    "exported by an earlier leanvlm) graph-only, for a before/after of the graph")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("child_args", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -252,31 +271,51 @@ def main() -> int:
     from run_benchmarks import machine
 
     engine, genai = build(args.work)
-    set_genai_threads(genai, args.threads)
     common = dict(new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup)
-    lean = dict(engine=str(engine), threads=args.threads, **common)
-    configs = {
-        "leanvlm": ("leanvlm", lean, {"LEANVLM_ORT_SPIN": "0"}),
-        "leanvlm, decode prepacked": ("leanvlm", {**lean, "prepack": "decode"}, {"LEANVLM_ORT_SPIN": "0"}),
-        "genai": ("genai", dict(model_dir=str(genai), prompt_tokens=TEXT_TOKENS + 576, **common), None),
-    }
-    for spin in (False, True):  # the decode graphs alone, identical session options
-        for graph, path in (("leanvlm", engine), ("genai", genai)):
-            configs[f"graph only: {graph}{', spinning' if spin else ''}"] = (
-                "graph", dict(graph=graph, path=str(path), threads=args.threads, spin=spin,
-                              prompt_tokens=TEXT_TOKENS + 576, **common), None)
+    prompt_tokens = TEXT_TOKENS + 576
+    configs = {}
+    for threads in dict.fromkeys((args.threads, 1)):
+        lean = dict(engine=str(engine), threads=threads, **common)
+        t = f"{threads} thread{'s' if threads > 1 else ''}"
+        configs[f"{t}: leanvlm"] = ("leanvlm", lean, {"LEANVLM_ORT_SPIN": "0"})
+        configs[f"{t}: leanvlm, decode prepacked"] = ("leanvlm", {**lean, "prepack": "decode"},
+                                                      {"LEANVLM_ORT_SPIN": "0"})
+        configs[f"{t}: genai"] = ("genai", dict(model_dir=str(genai), threads=threads, prompt_tokens=prompt_tokens,
+                                                **common), None)
+        graphs = [("leanvlm", engine), ("genai", genai)]
+        if args.compare_engine:
+            graphs.append(("leanvlm", args.compare_engine))
+        for graph, path in graphs:
+            name = f"{t}: graph only, {graph}" + (" (compare engine)" if path == args.compare_engine else "")
+            configs[name] = ("graph", dict(graph=graph, path=str(path), threads=threads, spin=False,
+                                           prompt_tokens=prompt_tokens, **common), None)
     rounds: dict[str, list[dict]] = {name: [] for name in configs}
     for r in range(args.rounds):
         for name, (kind, child_args, env) in configs.items():
             out = run_child(kind, child_args, env)
             rounds[name].append(out)
-            print(f"round {r + 1} {name}: {median(out['tokens_per_s']):.1f} tok/s", flush=True)
-    results = {name: {"tokens_per_s_median": median([median(o["tokens_per_s"]) for o in outs]),
-                      "per_round_medians": [round(median(o["tokens_per_s"]), 2) for o in outs],
-                      "runs": [o["tokens_per_s"] for o in outs],
-                      "prompt_tokens": outs[0]["prompt_tokens"], "new_tokens": outs[0]["new_tokens"]}
-               for name, outs in rounds.items()}
-    g = results["genai"]["tokens_per_s_median"]
+            print(f"round {r + 1} {name}: {median(out['tokens_per_s']):.1f} tok/s, "
+                  f"{median(out['tokens_per_cpu_s']):.1f} per CPU s", flush=True)
+    results = {}
+    for name, outs in rounds.items():
+        results[name] = {
+            "tokens_per_s_median": median([median(o["tokens_per_s"]) for o in outs]),
+            "tokens_per_cpu_s_median": median([median(o["tokens_per_cpu_s"]) for o in outs]),
+            "per_round_medians": [round(median(o["tokens_per_s"]), 2) for o in outs],
+            "per_round_cpu_medians": [round(median(o["tokens_per_cpu_s"]), 2) for o in outs],
+            "prompt_tokens": outs[0]["prompt_tokens"], "new_tokens": outs[0]["new_tokens"]}
+        if "peak_memory_bytes" in outs[0]:
+            results[name]["peak_memory_bytes"] = max((o["peak_memory_bytes"] for o in outs), key=lambda m: m["total"])
+
+    def ratios(key: str) -> dict:
+        out = {}
+        for name, r in results.items():
+            t, _, what = name.partition(": ")
+            base = f"{t}: graph only, genai" if what.startswith("graph only") else f"{t}: genai"
+            if name != base and "genai" not in what:
+                out[name] = r[key] / results[base][key]
+        return out
+
     report = {
         "command": "python tools/run_decode_vs_genai.py " + " ".join(sys.argv[1:]),
         "machine": {**machine(), "onnxruntime_genai": _genai_version()},
@@ -284,21 +323,20 @@ def main() -> int:
                   "batch 1, unreduced engine (keep 1.0) vs GenAI's model builder output of the same weights",
         "settings": {"threads": args.threads, "rounds": args.rounds, **common},
         "results": results,
-        "ratios_vs_genai": {name: r["tokens_per_s_median"] / g for name, r in results.items()
-                            if not name.startswith(("genai", "graph only"))},
-        "graph_only_ratios": {
-            spin: results[f"graph only: leanvlm{spin}"]["tokens_per_s_median"]
-            / results[f"graph only: genai{spin}"]["tokens_per_s_median"] for spin in ("", ", spinning")},
+        "ratios_vs_genai_wall": ratios("tokens_per_s_median"),
+        "ratios_vs_genai_cpu": ratios("tokens_per_cpu_s_median"),
         "decode_graph_nodes": {"leanvlm": optimized_nodes(engine / "decode.onnx", args.threads, args.work),
                                "genai": optimized_nodes(genai / "model.onnx", args.threads, args.work)},
     }
+    if args.compare_engine:
+        report["decode_graph_nodes"]["compare_engine"] = optimized_nodes(args.compare_engine / "decode.onnx",
+                                                                         args.threads, args.work)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(args.out)
-    for name, ratio in report["ratios_vs_genai"].items():
-        print(f"{name}: {results[name]['tokens_per_s_median']:.1f} tok/s, {ratio:.3f}x GenAI ({g:.1f} tok/s)")
-    for spin, ratio in report["graph_only_ratios"].items():
-        print(f"graph only{spin}: leanvlm / GenAI {ratio:.3f}x")
+    for name in report["ratios_vs_genai_wall"]:
+        print(f"{name}: {report['ratios_vs_genai_wall'][name]:.3f}x GenAI per wall second, "
+              f"{report['ratios_vs_genai_cpu'][name]:.3f}x per CPU second")
     return 0
 
 
