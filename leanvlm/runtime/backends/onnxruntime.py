@@ -8,6 +8,7 @@ arrays instead of being allocated and copied each step."""
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -34,10 +35,13 @@ class OrtBackend(Backend):
         every session reads the one memory-mapped weights file); True / False: every session; "decode": the
         decode session only, which then holds a packed copy of the decoder weights (anonymous memory, the size
         of those weights) and runs its single-row MatMuls on MLAS's packed kernels, the faster path for the
-        decode loop (GenAI's sessions prepack too). Prefill packs its activations' partner per call anyway."""
+        decode loop (GenAI's sessions prepack too). LEANVLM_ORT_PREPACK=decode chooses it where no option is
+        given (the CLI); LEANVLM_ORT_PREPACK=0|1 overrides every session (see create_session)."""
         from leanvlm.engines.onnxruntime import create_session
 
         super().__init__(spec)
+        if prepack is None and os.environ.get("LEANVLM_ORT_PREPACK") == "decode":  # the CLI's way to choose it
+            prepack = "decode"
         if prepack not in (None, True, False, "decode"):
             raise UserError(f"prepack {prepack!r}: use True, False, 'decode' or None (the precision's choice)")
         default = spec.precision.prepack if prepack in (None, "decode") else prepack
