@@ -260,6 +260,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "decode-vs-genai.json")
     ap.add_argument("--compare-engine", type=Path, help="also run the decode graph of this engine (e.g. one "
                     "exported by an earlier leanvlm) graph-only, for a before/after of the graph")
+    ap.add_argument("--graph-only", action="store_true", help="only the decode graphs alone (no prefill: minutes "
+                    "instead of tens of minutes on a loaded machine)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("child_args", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -277,11 +279,12 @@ def main() -> int:
     for threads in dict.fromkeys((args.threads, 1)):
         lean = dict(engine=str(engine), threads=threads, **common)
         t = f"{threads} thread{'s' if threads > 1 else ''}"
-        configs[f"{t}: leanvlm"] = ("leanvlm", lean, {"LEANVLM_ORT_SPIN": "0"})
-        configs[f"{t}: leanvlm, decode prepacked"] = ("leanvlm", {**lean, "prepack": "decode"},
-                                                      {"LEANVLM_ORT_SPIN": "0"})
-        configs[f"{t}: genai"] = ("genai", dict(model_dir=str(genai), threads=threads, prompt_tokens=prompt_tokens,
-                                                **common), None)
+        if not args.graph_only:
+            configs[f"{t}: leanvlm"] = ("leanvlm", lean, {"LEANVLM_ORT_SPIN": "0"})
+            configs[f"{t}: leanvlm, decode prepacked"] = ("leanvlm", {**lean, "prepack": "decode"},
+                                                          {"LEANVLM_ORT_SPIN": "0"})
+            configs[f"{t}: genai"] = ("genai", dict(model_dir=str(genai), threads=threads,
+                                                    prompt_tokens=prompt_tokens, **common), None)
         graphs = [("leanvlm", engine), ("genai", genai)]
         if args.compare_engine:
             graphs.append(("leanvlm", args.compare_engine))
