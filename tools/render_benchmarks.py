@@ -86,6 +86,7 @@ def main() -> None:
     ops = ex["exports"][1]["prefill_ops"]
     lines += ["", "Prefill graph operators, mid model, FastV keep 0.33: " +
               ", ".join(f"{k} {v}" for k, v in ops.items()) + ".", ""]
+    lines += decode_vs_genai_section()
     lines += accuracy_section()
     lines += adaptive_section()
     lines += schedule_search_section()
@@ -94,6 +95,41 @@ def main() -> None:
     lines += scale_section()
     lines += serve_section()
     (BENCH / "README.md").write_text("\n".join(lines))
+
+
+def decode_vs_genai_section() -> list[str]:
+    path = BENCH / "decode-vs-genai.json"
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    st, res = d["settings"], d["results"]
+    any_run = next(iter(res.values()))
+    lines = ["", "## Decode vs ONNX Runtime GenAI, CPU (`decode-vs-genai.json`)", "",
+             f"Made by `{d['command'].strip()}` (onnxruntime-genai {d['machine']['onnxruntime_genai']}). "
+             f"{d['config']}. Prompt {any_run['prompt_tokens']} tokens, {st['new_tokens']} new tokens, greedy. "
+             f"Each configuration in its own process, configurations alternating over {st['rounds']} rounds, each "
+             f"process the median of {st['repeats']} runs after {st['warmup']} warm-ups; the table gives the median "
+             "over rounds. End to end: full `Pipeline.generate` calls (leanvlm) or GenAI's generator loop, decode "
+             "tokens after the first. Graph only: the two decode graphs alone in sessions with identical options "
+             "(prepacked, not spinning). Tokens/s per wall-clock second, and per second of the process's CPU time "
+             "(at 1 thread the steady measure on this shared machine). GenAI's session prepacks and spins "
+             "(ONNX Runtime's defaults); leanvlm as shipped prepacks no float weights.", "",
+             "| configuration | tok/s (wall) | tok/s per CPU s | vs GenAI, wall | vs GenAI, CPU | peak memory MiB |",
+             "|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        wall, cpu = d["ratios_vs_genai_wall"].get(name), d["ratios_vs_genai_cpu"].get(name)
+        mem = r.get("peak_memory_bytes")
+        lines.append(f"| {name} | {r['tokens_per_s_median']:.1f} | {r['tokens_per_cpu_s_median']:.1f} | "
+                     f"{'' if wall is None else f'{wall:.2f}x'} | {'' if cpu is None else f'{cpu:.2f}x'} | "
+                     f"{'' if mem is None else _memory(mem)} |")
+    nodes = d["decode_graph_nodes"]
+    before = nodes.get("compare_engine")
+    lines += ["", "Decode graph nodes after ONNX Runtime's optimisation: leanvlm "
+              f"{nodes['leanvlm']['optimized']} ({nodes['leanvlm']['exported']} exported)"
+              + (f", the compare engine's {before['optimized']} ({before['exported']} exported)" if before else "")
+              + f", GenAI {nodes['genai']['optimized']} (fused GroupQueryAttention and "
+              "SkipSimplifiedLayerNormalization contrib ops)."]
+    return lines
 
 
 def accuracy_section() -> list[str]:

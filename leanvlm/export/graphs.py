@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from leanvlm.export.decode_graph import DecodeGraph
 from leanvlm.reference.model import ReducedLlava
 from leanvlm.spec import names
 
@@ -51,20 +52,6 @@ class PrefillGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, image_start):
         logits, presents, kept, targets = self.ref.prefill(inputs_embeds, attention_mask, position_ids, image_start)
         return (logits, *[t for kv in presents for t in kv], *kept, *targets)
-
-
-class DecodeGraph(nn.Module):
-    def __init__(self, ref: ReducedLlava):
-        super().__init__()
-        self.ref = ref
-        self.num_groups = len(ref.schedule.groups)
-
-    def forward(self, inputs_embeds, position_ids, *rest):
-        masks = list(rest[: self.num_groups])
-        flat = rest[self.num_groups :]
-        past = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
-        logits, new_kv = self.ref.decode(inputs_embeds, position_ids, masks, past)
-        return (logits, *[t for kv in new_kv for t in kv])
 
 
 def stage_outputs(stages) -> list[str]:

@@ -3,7 +3,9 @@ with the reduction schedule applied inside prefill.
 
 It reuses the Hugging Face modules (weights, norms, MLPs, rotary tables) and re-implements only the
 layer wiring, so KV per layer, the single-row scoring and the token gather are explicit. The export
-wrappers trace exactly these methods: the reference and the graphs share one source.
+wrappers trace exactly these methods (the reference and the graphs share one source), except decode: its
+graph computes the same step in a form that never copies the cache (export.decode_graph), and export checks
+it against `decode` here.
 """
 
 from __future__ import annotations

@@ -51,7 +51,11 @@ class Backend(ABC):
 
     @abstractmethod
     def decode(self, inputs_embeds, position_ids, masks: list, past: list[KV]) -> tuple[Any, list[KV]]:
-        """One step: -> (logits as numpy [B, V], each layer's new KV entry [B, kv_heads, 1, head_dim])."""
+        """One step: -> (logits as numpy [B, V], each layer's new KV entry [B, kv_heads, 1, head_dim]).
+
+        `past` are the cache buffers themselves (unfilled slots masked); a backend may keep them bound between
+        calls and read them in place, so write new entries into them rather than replacing them. The returned
+        arrays may be buffers the backend reuses: consume them before the next decode call on the thread."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (timings); a no-op on synchronous backends."""
