@@ -24,7 +24,8 @@ from leanvlm.engines.trt_lint import lint_onnx
 from leanvlm.engines.trt_targets import (ARCHS, JETSON_TARGETS, PARSER_10_3, PARSER_11, device_target, get_target,
                                          parser_rules, plan_dir_name)
 from leanvlm.errors import EngineError, UserError
-from leanvlm.reduction.schedule import METHODS
+# adaptive needs trained ATP modules (tests/test_adaptive.py covers its export and lint)
+from leanvlm.reduction.schedule import FIXED_METHODS as METHODS
 from leanvlm.spec import names
 from leanvlm.spec.manifest import load_engine_spec, read_manifest, sha256_file
 

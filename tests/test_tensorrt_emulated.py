@@ -16,7 +16,8 @@ from leanvlm import Pipeline
 from leanvlm.cli import main
 from leanvlm.engines import trt_build
 from leanvlm.errors import EngineError, UserError
-from leanvlm.reduction.schedule import METHODS
+# adaptive needs trained ATP modules (tests/test_adaptive.py covers its export and lint)
+from leanvlm.reduction.schedule import FIXED_METHODS as METHODS
 from leanvlm.runtime.processor import VLMProcessor
 from leanvlm.spec.manifest import MANIFEST_NAME, load_engine_spec, read_manifest
 
