@@ -197,7 +197,7 @@ def main() -> int:
 
     cmd = (f"python tools/run_schedule_search.py --model {args.model} --calib-n {args.calib_n} --eval-n {args.eval_n} "
            f"--tolerance {args.tolerance} --trials {args.trials} --budgets {' '.join(map(str, args.budgets))} "
-           f"--speed-n {args.speed_n}" + (f" --threads {args.threads}" if args.threads else ""))
+           f"--speed-n {args.speed_n} --out {_rel(args.out)}" + (f" --threads {args.threads}" if args.threads else ""))
     report = {"command": cmd, "machine": machine(), "model": args.model,
               "data": {"calibration": f"shapes calib split, seed 0, {args.calib_n} samples",
                        "evaluation": f"shapes test split, seed 0, first {args.eval_n} samples (leanvlm eval's)"},

@@ -16,6 +16,7 @@ FLOPs grow with r_min), so every trial spends the budget and the search has two 
 even r_min = 0 exceeds the budget, the centre x0 moves earlier until the curve fits (a projection onto the
 budget); a (k, x0) that cannot fit even so (a gentle slope under a tight budget) is scored below any trial
 that fits.
+The first two trials are FastV's shape (k = 40, early centre) and a pyramid's (k = 4, x0 = 0.5).
 Trials are ranked by `Metric.objective` (accuracy, KL of the first answer token breaking ties).
 """
 
@@ -34,6 +35,7 @@ from leanvlm.reduction.schedule import Schedule
 K_RANGE = (0.5, 40.0)  # steepness over normalised depth, searched log-uniformly
 X0_MIN = -1.0  # how far before layer 0 a budget may move the centre (TPE proposes x0 in [0, 1])
 MIN_TRIALS = 2
+PYRAMID_K = 4.0  # a sigmoid this gentle falls from ~88% to ~12% of its span across the depth
 
 
 @dataclass
@@ -164,8 +166,10 @@ def psigmoid(scorer: Scorer, budget: float, trials: int, seed: int = 0, text_tok
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(1, trials // 3)))
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    # Warm start: a sharp drop early in the depth (FastV's shape at its default layer 2 of LLaVA's 32 layers)
+    # Warm starts, the two known-good shapes: a sharp drop early in the depth (FastV's, at its default layer 2
+    # of LLaVA's 32 layers) and a gentle decline centred mid-depth (PyramidDrop's staircase, smoothed)
     study.enqueue_trial({"k": K_RANGE[1], "x0": min(1.0, 1.5 / max(1, L - 1))})
+    study.enqueue_trial({"k": PYRAMID_K, "x0": 0.5})
     study.optimize(objective, n_trials=trials)
     feasible = [t for t in done if t.metric is not None]
     if not feasible:
