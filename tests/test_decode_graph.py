@@ -162,3 +162,54 @@ def test_prepack_option(engines):
 
     with pytest.raises(UserError, match="prepack"):
         Pipeline.load(engines(1.0).out, prepack="all")
+
+
+def test_prepack_default_packs_decode_only_where_it_fits(engines, monkeypatch):
+    """Float engines prepack the decode session by default (prefill reads the mapped weights); low_memory, an
+    explicit choice, or a machine too small for the packed copy keep every session unpacked."""
+    from leanvlm.runtime.backends import onnxruntime as ortb
+    from leanvlm.spec.manifest import load_engine_spec
+
+    spec = load_engine_spec(engines(1.0).out)
+    packed = lambda be, g: be.sessions[g].get_session_options().get_session_config_entry(  # noqa: E731
+        "session.disable_prepacking") == "0"
+    monkeypatch.delenv("LEANVLM_ORT_PREPACK", raising=False)
+    be = ortb.OrtBackend(spec, threads=1)
+    assert be.prepack == "decode" and packed(be, "decode") and not packed(be, "prefill")
+    for kwargs in ({"low_memory": True}, {"prepack": False}):
+        be = ortb.OrtBackend(spec, threads=1, **kwargs)
+        assert not packed(be, "decode") and not packed(be, "prefill")
+    monkeypatch.setattr(ortb.os, "sysconf", lambda name: 1024 if name == "SC_PHYS_PAGES" else 4096)  # 4 MiB
+    be = ortb.OrtBackend(spec, threads=1)
+    assert be.prepack is None and not packed(be, "decode")
+
+
+def test_cache_writes_row_by_row_equal_the_batched_write(backend):
+    """KVCache.append writes a few rows one by one and many rows with one indexed write: the same buffers,
+    masks and lengths either way (rows of different lengths, a hole included)."""
+    from leanvlm.runtime.kv_cache import KVCache
+
+    m = backend.spec.model
+    rng = np.random.default_rng(3)
+    caches = []
+    for row_writes in (KVCache.ROW_WRITES, 0):
+        cache = KVCache(backend.spec, 3, backend.alloc)
+        cache.ROW_WRITES = row_writes
+        for width, real in ((12, 9), (12, 12), (12, 5)):
+            mask = np.zeros((1, width), np.int64)
+            mask[:, width - real:] = 1
+            presents = [tuple(np.ones((1, m.num_kv_heads, width, m.head_dim), np.float32) for _ in range(2))
+                        for _ in range(m.num_layers)]
+            cache.admit(presents, mask, [4])
+        cache.release(1)
+        caches.append(cache)
+    for _ in range(3):
+        new = [tuple(rng.standard_normal((3, m.num_kv_heads, 1, m.head_dim)).astype(np.float32) for _ in range(2))
+               for _ in range(m.num_layers)]
+        for cache in caches:
+            cache.append(new)
+    a, b = caches
+    assert a.rows == 3 and a.lengths[:, 0].tolist() == [12, 0, 8]
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    for x, y in zip(a.keys + a.values + a.masks, b.keys + b.values + b.masks):
+        np.testing.assert_array_equal(x, y)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,15 @@ class OrtBackend(Backend):
         For half engines on the CPU provider, which ONNX Runtime otherwise runs on an fp32 copy of every
         weight (3.3-3.6x the fp16 weights measured at LLaVA-7B's shapes; 1.9-2.1x with this, decode ~5x slower).
 
-        prepack: ONNX Runtime weight prepacking (CPU). None: the engine precision's choice (float engines off:
-        every session reads the one memory-mapped weights file); True / False: every session; "decode": the
-        decode session only, which then holds a packed copy of the decoder weights (anonymous memory, the size
-        of those weights) and runs its single-row MatMuls on MLAS's packed kernels, the faster path for the
-        decode loop (GenAI's sessions prepack too). LEANVLM_ORT_PREPACK=decode chooses it where no option is
-        given (the CLI); LEANVLM_ORT_PREPACK=0|1 overrides every session (see create_session)."""
+        prepack: ONNX Runtime weight prepacking (CPU). True / False: every session. "decode": the decode session
+        only, which then holds a packed copy of the decoder weights (anonymous memory, at most the size of the
+        weights file) and runs its single-row MatMuls on MLAS's packed kernels, the faster path for the decode
+        loop (mid preset, 1 thread: 80 -> 100 tok/s; GenAI's sessions prepack too); prefill and the other
+        graphs read the one memory-mapped weights file. None (default): quantized engines prepack every
+        session (their kernels need it); float engines prepack decode when that copy is small next to the
+        machine's memory (weights file <= 1/4 of physical memory: every small and mid model, not a 7B in fp32)
+        and not `low_memory`. LEANVLM_ORT_PREPACK=decode chooses "decode" where no option is given (the CLI);
+        LEANVLM_ORT_PREPACK=0|1 overrides every session (see create_session)."""
         from leanvlm.engines.onnxruntime import create_session
 
         super().__init__(spec)
@@ -44,6 +46,9 @@ class OrtBackend(Backend):
             prepack = "decode"
         if prepack not in (None, True, False, "decode"):
             raise UserError(f"prepack {prepack!r}: use True, False, 'decode' or None (the precision's choice)")
+        if prepack is None and not spec.precision.prepack and not low_memory and _packed_copy_fits(spec):
+            prepack = "decode"
+        self.prepack = prepack
         default = spec.precision.prepack if prepack in (None, "decode") else prepack
         self.sessions = {g: create_session(path, providers, threads, low_memory=low_memory,
                                            prepack=True if prepack == "decode" and g == "decode" else default)
@@ -114,13 +119,27 @@ class OrtBackend(Backend):
         self._local = threading.local()
 
 
+def _packed_copy_fits(spec: EngineSpec) -> bool:
+    """Whether a packed copy of the engine's weights (decode's are a part of them) is at most a quarter of
+    physical memory."""
+    from leanvlm.export.weights import WEIGHTS_FILE
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        weights = (spec.graph_files()["decode"].parent / WEIGHTS_FILE).stat().st_size
+    except (OSError, ValueError, KeyError):
+        return False
+    return weights * 4 <= memory
+
+
 class _DecodeBinding:
     """One thread's IO binding of the decode graph, bound by address (ONNX Runtime reads CPU memory in place).
 
-    Inputs are remembered by weak reference and rebound only when the caller passes another array; binding by
-    address keeps no reference, so a finished request's cache is freed as soon as its owner drops it (a binding
-    made from arrays would hold it until the thread's next decode). Every input is passed on every call, so a
-    stale address is always rebound before a run."""
+    Inputs are remembered by address and shape and rebound only when the caller passes other memory (the
+    cache's per-step views `buffer[:rows]` of one buffer bind once per request). Binding by address keeps no
+    reference, so a finished request's cache is freed as soon as its owner drops it (a binding made from arrays
+    would hold it until the thread's next decode). Every input is passed on every call, so a stale address is
+    always rebound before a run."""
 
     def __init__(self, session, float_dtype):
         self.binding = session.io_binding()
@@ -131,25 +150,29 @@ class _DecodeBinding:
         # all but the batch axis are static in decode.onnx (export pins them); otherwise ORT allocates outputs
         self._out_dims = {o.name: o.shape[1:] for o in outs}
         self._preallocate = all(isinstance(d, int) for dims in self._out_dims.values() for d in dims)
-        self._bound: dict[str, weakref.ref | None] = {}
+        self._bound: dict[str, tuple | None] = {}
         self._batch = None
         self._outputs: dict[str, np.ndarray] = {}
         self._keep: list = []  # converted copies made for this call: alive until its run returns
 
     def bind(self, name: str, array) -> None:
-        """Bind `array` as input `name` unless it is the array already bound there (inputs the graph does not
-        take are skipped)."""
+        """Bind `array` as input `name` unless that input is already bound to the same memory (address, shape
+        and type: what ONNX Runtime reads at run time), as the cache's per-step views of one buffer are; inputs
+        the graph does not take are skipped."""
         dtype = self._in_types.get(name)
         if dtype is None:
             return
-        ref = self._bound.get(name)
-        if ref is not None and ref() is array:
-            return
-        data = np.ascontiguousarray(array, dtype=dtype)
-        if data is not array:  # a converted copy is new every call: remembering it would only ever miss
+        if isinstance(array, np.ndarray) and array.dtype == dtype and array.flags.c_contiguous:
+            data = array
+            key = (array.__array_interface__["data"][0], array.shape)
+            if self._bound.get(name) == key:
+                return
+        else:  # a converted copy is new every call: remembering it would only ever miss
+            data = np.ascontiguousarray(array, dtype=dtype)
             self._keep.append(data)
+            key = None
         self.binding.bind_input(name, "cpu", 0, data.dtype.type, list(data.shape), data.ctypes.data)
-        self._bound[name] = weakref.ref(array) if data is array else None
+        self._bound[name] = key
 
     def bind_outputs(self, batch: int) -> None:
         """Bind this thread's output arrays for `batch` rows (allocated when the batch size changes)."""
