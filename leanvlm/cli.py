@@ -534,7 +534,8 @@ def _calib(args: argparse.Namespace) -> int:
 
         def show(c) -> None:
             console.print(f"layer {c.layer:3d}  keep {c.keep_str:>9s}  accuracy {c.metric.accuracy:.3f}  "
-                          f"KL {c.metric.kl:.4f}  {'[green]pass[/green]' if c.passed else '[red]fail[/red]'}")
+                          f"lost {c.metric.lost} gained {c.metric.gained}  KL {c.metric.kl:.4f}  "
+                          f"{'[green]pass[/green]' if c.passed else '[red]fail[/red]'}")
 
         result, record = run_gsearch(opts, show)
     else:
@@ -547,11 +548,13 @@ def _calib(args: argparse.Namespace) -> int:
                 console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0:.2f}  over budget")
                 return
             console.print(f"trial {t.number + 1:3d}/{args.trials}  k {t.k:6.2f}  x0 {t.x0_fit:.2f}  r_min {t.r_min:.3f}  "
-                          f"FLOPs {t.flops_ratio:.3f}  accuracy {t.metric.accuracy:.3f}  KL {t.metric.kl:.4f}")
+                          f"FLOPs {t.flops_ratio:.3f}  accuracy {t.metric.accuracy:.3f}  lost {t.metric.lost} "
+                          f"gained {t.metric.gained}  KL {t.metric.kl:.4f}")
 
         result, record = run_psigmoid(opts, show)
-    console.print(f"unreduced accuracy {record['unreduced_accuracy']:.3f}; schedule accuracy {record['accuracy']:.3f}, "
-                  f"KL {record['kl']:.4f}, prefill FLOPs {record['prefill_flops_ratio']:.3f} of unreduced "
+    console.print(f"unreduced accuracy {record['unreduced_accuracy']:.3f}; schedule accuracy {record['accuracy']:.3f} "
+                  f"({record['lost']} answers lost, {record['gained']} gained), KL {record['kl']:.4f}, "
+                  f"prefill FLOPs {record['prefill_flops_ratio']:.3f} of unreduced "
                   f"({record['flops_text_tokens']} text tokens); image tokens per layer "
                   f"{record['image_tokens_per_layer']}; {record['candidates_scored']} candidates in "
                   f"{record['wall_time_s']:.0f} s")

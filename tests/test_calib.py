@@ -59,13 +59,26 @@ def test_calibration_split_is_disjoint_from_evaluation():
     assert not calib & test
 
 
+def test_metric_counts_gains_out_of_the_objective():
+    from leanvlm.calib.scoring import Metric
+
+    base = Metric(90, 100, 0.0)
+    lucky = Metric(91, 100, 0.2, lost=4, baseline_correct=90)  # 4 answers broken, 5 fixed
+    assert (base.gained, base.retained) == (0, 0.9)
+    assert lucky.gained == 5 and lucky.retained == 0.86 and lucky.accuracy == 0.91
+    assert lucky.objective < Metric(89, 100, 0.5, lost=1, baseline_correct=90).objective < base.objective
+
+
 def test_gsearch_is_deterministic_with_non_increasing_counts(scorer):
     a = gsearch(scorer, tolerance=1 / N, steps=4)
     b = gsearch(scorer, tolerance=1 / N, steps=4)
     assert a.schedule == b.schedule and a.metric == b.metric
     counts = _counts(a.schedule)
     assert counts == sorted(counts, reverse=True)
-    assert a.metric.accuracy >= a.baseline.accuracy - 1 / N - 1e-9
+    assert a.metric.lost <= 1 and a.metric.accuracy >= a.baseline.accuracy - 1 / N - 1e-9
+    for c in a.candidates:  # accepted on answers lost, whatever a cut happened to fix
+        assert c.passed == (c.metric.lost <= 1)
+        assert c.metric.correct - c.metric.gained == a.baseline.correct - c.metric.lost
     assert all(s.num_keep < prev for s, prev in zip(a.schedule.stages, [counts[0], *[s.num_keep for s in a.schedule.stages]]))
     layers = [c.layer for c in a.candidates]  # shallow to deep, every layer until the grid's smallest count
     assert layers == sorted(layers) and layers[0] == 1

@@ -1,5 +1,9 @@
 """G-Search (arXiv 2412.00556, scenario I: cut cost, keep accuracy): from shallow to deep, the fewest image
-tokens each decoder layer keeps while the calibration accuracy stays within a tolerance of the unreduced model.
+tokens each decoder layer keeps while the calibration accuracy stays within a tolerance of the unreduced model,
+counting lost answers only (`Metric.retained`): answers a cut happens to fix do not pay for answers it breaks.
+On shapes-llava-8l, 500 calibration samples, tolerance 0.01, the net-accuracy criterion accepted a schedule at
+96.4% (unreduced 97.4%) that answered 95.2% of the held-out questions (unreduced 97.8%): the gains it counted
+were chance, picked as the luckiest of 30 candidates.
 
 Layer l's candidates keep the counts already chosen for layers < l and cut to c at layer l, carrying c to
 every later layer; c runs over a grid of counts no larger than layer l-1's (the paper's assumption that
@@ -88,7 +92,7 @@ def gsearch(scorer: Scorer, tolerance: float, steps: int = DEFAULT_STEPS,
         while lo < hi:
             mid = (lo + hi) // 2
             m = scorer.score(Schedule(L, N, (*stages, stage(layer, options[mid], N)), "file"))
-            cand = Candidate(layer, options[mid], N, m, m.accuracy >= threshold)
+            cand = Candidate(layer, options[mid], N, m, m.retained >= threshold)
             tried.append(cand)
             if on_candidate:
                 on_candidate(cand)

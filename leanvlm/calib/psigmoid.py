@@ -17,7 +17,8 @@ even r_min = 0 exceeds the budget, the centre x0 moves earlier until the curve f
 budget); a (k, x0) that cannot fit even so (a gentle slope under a tight budget) is scored below any trial
 that fits.
 The first two trials are FastV's shape (k = 40, early centre) and a pyramid's (k = 4, x0 = 0.5).
-Trials are ranked by `Metric.objective` (accuracy, KL of the first answer token breaking ties).
+Trials are ranked by `Metric.objective` (accuracy without the answers a cut happened to fix, KL of the first
+answer token breaking ties).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ search affordable without changing that result:
 
 Resuming is exact: the resumed layers run the same ops on the same tensors as a full prefill.
 
-The metric (see `Metric`): answer accuracy, and the mean KL divergence of the first answer token's
-distribution from the unreduced model's, which breaks ties between equally accurate candidates.
+The metric (see `Metric`): answer accuracy without the answers a cut happened to fix (the unreduced model's
+accuracy less the answers lost), and the mean KL divergence of the first answer token's distribution from the
+unreduced model's, which breaks ties between candidates that keep as many answers.
 """
 
 from __future__ import annotations
@@ -56,26 +57,44 @@ def search_items(data: str | Path, n: int, seed: int = 0) -> list:
 @dataclass(frozen=True)
 class Metric:
     """A candidate's calibration result. accuracy: greedy answers that match (as `leanvlm eval` counts them);
-    kl: mean KL(unreduced || candidate) of the first answer token's distribution, in nats."""
+    kl: mean KL(unreduced || candidate) of the first answer token's distribution, in nats; lost: answers the
+    unreduced model got right and this candidate gets wrong, of the unreduced model's `baseline_correct`
+    (None: this is the unreduced model)."""
 
     correct: int
     n: int
     kl: float
+    lost: int = 0
+    baseline_correct: int | None = None
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n
 
     @property
+    def gained(self) -> int:
+        """Answers this candidate gets right that the unreduced model got wrong."""
+        base = self.correct if self.baseline_correct is None else self.baseline_correct
+        return self.correct - (base - self.lost)
+
+    @property
+    def retained(self) -> float:
+        """The unreduced model's accuracy less the answers lost: the accuracy without the answers a cut happened
+        to fix. Cutting tokens does not make a model better, so on calibration data such gains are chance, and a
+        search that counts them (picking, among many candidates, the luckiest) gives them back on new data."""
+        return (self.correct - self.gained) / self.n
+
+    @property
     def objective(self) -> float:
-        """Accuracy, with KL only breaking ties: the KL term is below half of one sample's worth of accuracy,
-        so it never outweighs an answer, but among equally accurate candidates the one closer to the
-        unreduced model's distribution ranks first (accuracy on a few hundred samples is a step function;
-        KL is smooth, so it also gives the optimiser a slope on the steps' flat parts)."""
-        return self.accuracy - 0.5 / self.n * self.kl / (1.0 + self.kl)
+        """Retained accuracy, with KL only breaking ties: the KL term is below half of one sample's worth of
+        accuracy, so it never outweighs an answer, but among candidates that keep as many answers the one
+        closer to the unreduced model's distribution ranks first (accuracy on a few hundred samples is a step
+        function; KL is smooth, so it also gives the optimiser a slope on the steps' flat parts)."""
+        return self.retained - 0.5 / self.n * self.kl / (1.0 + self.kl)
 
     def to_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "correct": self.correct, "n": self.n, "kl": self.kl}
+        return {"accuracy": self.accuracy, "correct": self.correct, "n": self.n, "lost": self.lost,
+                "gained": self.gained, "kl": self.kl}
 
 
 @dataclass
@@ -244,12 +263,14 @@ class Scorer:
         report = evaluate(Pipeline(spec, backend, self.processor), self.items, self.batch)
         logits = np.concatenate(backend.logits)
         backend.close()
+        right = np.array([p["correct"] for p in report.predictions], dtype=bool)
         if self._baseline_logits is None:
-            self._baseline_logits = logits
+            self._baseline_logits, self._baseline_right = logits, right
         kl = _mean_kl(self._baseline_logits, logits)
         self.stats.candidates += 1
         self.stats.seconds += time.perf_counter() - t0
-        return Metric(report.correct, report.n, kl)
+        lost = int((self._baseline_right & ~right).sum())
+        return Metric(report.correct, report.n, kl, lost, int(self._baseline_right.sum()))
 
     def text_tokens(self) -> int:
         """Mean text tokens of the calibration prompts (the chat template around each question, no image
