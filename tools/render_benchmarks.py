@@ -109,11 +109,12 @@ def decode_vs_genai_section() -> list[str]:
              f"{d['config']}. Prompt {any_run['prompt_tokens']} tokens, {st['new_tokens']} new tokens, greedy. "
              f"Each configuration in its own process, configurations alternating over {st['rounds']} rounds, each "
              f"process the median of {st['repeats']} runs after {st['warmup']} warm-ups; the table gives the median "
-             "over rounds. End to end: full `Pipeline.generate` calls (leanvlm) or GenAI's generator loop, decode "
-             "tokens after the first. Graph only: the two decode graphs alone in sessions with identical options "
-             "(prepacked, not spinning). Tokens/s per wall-clock second, and per second of the process's CPU time "
-             "(at 1 thread the steady measure on this shared machine). GenAI's session prepacks and spins "
-             "(ONNX Runtime's defaults); leanvlm as shipped prepacks no float weights.", "",
+             "over rounds. End to end: full `Pipeline.generate` calls (leanvlm; CPU time of its decode steps) or "
+             "GenAI's generator loop, decode tokens after the first. Graph only: the two decode graphs alone in "
+             "sessions with identical options (prepacked, not spinning). Tokens/s per wall-clock second, and per "
+             "second of the process's CPU time (at 1 thread the steady measure on this shared machine). GenAI's "
+             "session prepacks and spins (ONNX Runtime's defaults); leanvlm as shipped prepacks its decode session "
+             "only (the other graphs read the memory-mapped weights), \"no prepacking\" is the default before.", "",
              "| configuration | tok/s (wall) | tok/s per CPU s | vs GenAI, wall | vs GenAI, CPU | peak memory MiB |",
              "|---|---|---|---|---|---|"]
     for name, r in res.items():
@@ -205,8 +206,9 @@ def _schedule_search(path: Path) -> list[str]:
              f"Made by `{r['command']}` ({r['total_seconds'] / 60:.0f} min in all). Model: {r['model']}. "
              f"Searches on {r['data']['calibration']}; every schedule answered on {r['data']['evaluation']} by the "
              f"{st['evaluated_on']}. FLOPs: `leanvlm plan`'s model at {st['flops_text_tokens']} text tokens "
-             f"(the mean prompt). FastV: {st['fastv']}. PyramidDrop: {st['pdrop']}. The schedule files are in "
-             f"`benchmarks/{path.stem}/`.", "",
+             f"(the mean prompt). FastV: {st['fastv']}. PyramidDrop: {st['pdrop']}. Search metric: "
+             f"{next(iter(r['searches'].values()))['metric']}. The schedule files are in `benchmarks/{path.stem}/`.",
+             "",
              f"Unreduced: **{base['accuracy']:.1%}** held-out.", "",
              f"![accuracy vs prefill FLOPs]({png})", "",
              "| budget | method | prefill FLOPs | held-out accuracy | KL vs unreduced | image tokens per layer |",
@@ -222,10 +224,14 @@ def _schedule_search(path: Path) -> list[str]:
     g = next(row for row in r["rows"] if row["method"] == "gsearch")
     lines.append(f"| - | {name['gsearch']} (tolerance {st['tolerance']}) | {g['prefill_flops_ratio']:.3f} | "
                  f"{g['accuracy']:.1%} | {g['kl']:.4f} | {g['image_tokens_per_layer']} |")
-    lines += ["", "| search | calibration accuracy (unreduced) | candidates scored | wall time |", "|---|---|---|---|"]
+    lines += ["", _search_verdict(r)]
+    lines += ["", "| search | calibration accuracy (unreduced) | answers lost / gained | candidates scored | wall time |",
+              "|---|---|---|---|---|"]
     for key, sr in r["searches"].items():
-        what = f"tolerance {sr['tolerance']}" if sr["method"] == "gsearch" else f"budget {sr['budget']}, {sr['trials']} trials"
-        lines.append(f"| {sr['method']} ({what}) | {sr['accuracy']:.1%} ({sr['unreduced_accuracy']:.1%}) | "
+        what = (f"tolerance {sr['tolerance']}" if sr["method"] == "gsearch"
+                else f"budget {sr['budget']}, {sr['trials']} trials")
+        flips = f"{sr['lost']} / {sr['gained']}" if "lost" in sr else "-"
+        lines.append(f"| {sr['method']} ({what}) | {sr['accuracy']:.1%} ({sr['unreduced_accuracy']:.1%}) | {flips} | "
                      f"{sr['candidates_scored']} | {sr['wall_time_s']:.0f} s |")
     sp = r.get("search_speed")
     if sp:
@@ -238,6 +244,34 @@ def _schedule_search(path: Path) -> list[str]:
                   f"**{sp['speedup']:.2f}x**. Decode steps, preprocessing and the layers after each candidate's "
                   "first changed layer are not shared, which bounds the gain."]
     return lines + [""]
+
+
+def _search_verdict(r: dict) -> str:
+    """The goals, read off the rows: P-Sigmoid against the best of FastV and PyramidDrop per budget; G-Search's
+    held-out drop against its tolerance, and whether any schedule within that tolerance costs fewer FLOPs."""
+    st, base = r["settings"], r["unreduced"]["correct"]
+    parts = []
+    for b in st["budgets"]:
+        rows = [x for x in r["rows"] if x.get("budget") == b]
+        ps = next(x["correct"] for x in rows if x["method"] == "psigmoid")
+        other = max(x["correct"] for x in rows if x["method"] == "pdrop" or x.get("best_k"))
+        parts.append(f"{b}: {ps - other:+d}")
+    g = next(x for x in r["rows"] if x["method"] == "gsearch")
+    n, tol = r["unreduced"]["n"], st["tolerance"]
+    within = [x for x in r["rows"] if x["correct"] >= base - tol * n - 1e-9]
+    cheapest = min(within, key=lambda x: x["prefill_flops_ratio"]) if within else None
+    drop = (base - g["correct"]) / n
+    text = (f"Held-out answers P-Sigmoid got right minus the best of FastV (best K) and PyramidDrop, per budget: "
+            f"{', '.join(parts)}. G-Search: {100 * drop:.1f} points below unreduced held-out (tolerance "
+            f"{100 * tol:.1f}): "
+            + ("within" if drop <= tol + 1e-9 else "outside") + " its tolerance")
+    if cheapest is not None:
+        label = {"psigmoid": "P-Sigmoid", "pdrop": "PyramidDrop", "gsearch": "G-Search's own"}.get(
+            cheapest["method"], f"FastV K={cheapest.get('layer')}")
+        text += (f"; the cheapest schedule within it is {label}"
+                 + (f" at budget {cheapest['budget']}" if "budget" in cheapest else "")
+                 + f" ({cheapest['prefill_flops_ratio']:.3f} of the prefill FLOPs)")
+    return text + "."
 
 
 def _mib(n: float | None) -> str:
@@ -402,16 +436,20 @@ def serve_section() -> list[str]:
     if not path.exists():
         return []
     sv = json.loads(path.read_text())
+    max_tokens = sv["max_tokens"] if isinstance(sv["max_tokens"], list) else [sv["max_tokens"]]
+    loads = [x for e in sv["engines"].values() for runs in e["runs"].values() for r in runs
+             for x in r.get("load_average_1min", [])]
     lines = ["", "## Serving load test, CPU (`serve-cpu.json`)", "",
              f"`{sv['command']}`: a `leanvlm serve` process per run, {sv['clients']} concurrent streaming clients "
              f"(closed loop) sending {sv['requests']} greedy chat requests (shapes-task images, max_tokens "
-             f"{sv['max_tokens']}) over HTTP; continuous batching (`--max-batch {sv['clients']}`) against one "
-             f"request at a time (`--max-batch 1`, the others queued), {sv['rounds']} interleaved round(s), "
-             "medians shown. Tokens/s counts generated tokens over the wall time; latency and time to first token "
-             "(TTFT) are per request as the client saw them, queueing included. The committed run shared this 2-core "
-             "machine with other jobs (load average 11-17 during the mid runs), so absolute times are far above an "
-             "idle machine's; only the ratio of the two modes, measured back to back, is meaningful. Shapes-llava "
-             "answers in about two tokens, so that workload is all prefill and batching cannot gain there.", "",
+             f"{' and '.join(map(str, max_tokens))}) over HTTP; continuous batching (`--max-batch {sv['clients']}`) "
+             f"against one request at a time (`--max-batch 1`, the others queued), {sv['rounds']} interleaved "
+             "round(s), medians shown. Tokens/s counts generated tokens over the wall time; latency and time to first "
+             "token (TTFT) are per request as the client saw them, queueing included. "
+             + (f"Load average (1 min) at the runs' starts and ends: {min(loads):.1f}-{max(loads):.1f} on 2 cores. "
+                if loads else "")
+             + "Shapes-llava answers in about two tokens, so that workload is all prefill and batching cannot gain "
+             "there.", "",
              "| engine | mode | req/s | tok/s | latency p50 / p99 s | TTFT p50 / p99 s | tok/s ratio | same answers |",
              "|---|---|---|---|---|---|---|---|"]
     for name, e in sv["engines"].items():
@@ -422,6 +460,16 @@ def serve_section() -> list[str]:
             lines.append(f"| {name} (prompt ~{m['mean_prompt_tokens']:.0f} tokens) | {mode.replace('_', ' ')} | "
                          f"{m['requests_per_s']:.2f} | {m['tokens_per_s']:.1f} | {m['latency_p50_s']:.2f} / "
                          f"{m['latency_p99_s']:.2f} | {m['ttft_p50_s']:.2f} / {m['ttft_p99_s']:.2f} | {ratio} | {same} |")
+    alone = {name: e["alone"] for name, e in sv["engines"].items() if "alone" in e}
+    if alone:
+        lines += ["", "One request alone on the idle server (before the one-at-a-time run): on a CPU a prefill batch "
+                  "costs the sum of its requests, so continuous batching can only shrink the decode part; with "
+                  "decode free the ratio could not pass total / TTFT.", "",
+                  "| engine | TTFT s | total s | decode tok/s | prefill share | ratio bound (free decode) |",
+                  "|---|---|---|---|---|---|"]
+        for name, a in alone.items():
+            lines.append(f"| {name} | {a['ttft_s']:.2f} | {a['total_s']:.2f} | {a['decode_tokens_per_s']:.1f} | "
+                         f"{a['prefill_share']:.0%} | {a['ratio_bound_free_decode']:.2f}x |")
     return lines
 
 

@@ -4,10 +4,13 @@ streaming clients (closed loop), continuous batching (--max-batch 16) against on
 (--max-batch 1, the others queued), runs interleaved. Engines: shapes-llava FastV keep 0.33, and the mid
 preset (576 image tokens) FastV keep 0.33 and unreduced, all exported with --max-batch 16.
 
-    python tools/run_serve_benchmark.py [--work /tmp/leanvlm-serve-bench] [--clients 16] [--requests 1] [--max-tokens 64]
+    python tools/run_serve_benchmark.py [--work /tmp/leanvlm-serve-bench] [--clients 16] [--max-tokens 64 256]
 
 Every request is greedy with the same max_tokens in both modes, so both modes generate the same tokens
-(checked: the per-request answers must be equal); tokens/s counts generated tokens over the wall time.
+(checked: the per-request answers must be equal); tokens/s counts generated tokens over the wall time. Before the
+one-at-a-time run, one request runs alone on the idle server: its time to first token against its whole time is
+the prefill's share, which bounds what batching the decode can gain (ONNX Runtime's CPU prefill of a batch costs
+the sum of its requests).
 """
 
 from __future__ import annotations
@@ -148,25 +151,37 @@ def bench_engine(engine: Path, clients: int, n_requests: int, max_tokens: int, r
     requests = workload(n_requests)
     runs: dict[str, list] = {"continuous": [], "one_at_a_time": []}
     answers: dict[str, list] = {}
+    solo = []  # one request with the server otherwise idle: what prefill costs against the decode
     for r in range(rounds):
         for mode, mb in (("continuous", max_batch), ("one_at_a_time", 1)):
             srv = Server(engine, mb, threads)
             try:
                 asyncio.run(load(srv.url, requests[:4], 4, 8))  # warm-up
+                if mode == "one_at_a_time":
+                    solo.append(asyncio.run(load(srv.url, requests[:1], 1, max_tokens))["results"][0])
+                load_avg = os.getloadavg()[0]
                 run = asyncio.run(load(srv.url, requests, clients, max_tokens))
             finally:
                 srv.close()
-            s = summarise(run)
+            s = {**summarise(run), "load_average_1min": [round(load_avg, 2), round(os.getloadavg()[0], 2)]}
             print(f"  round {r} {mode:14s} {s['tokens_per_s']:7.1f} tok/s {s['requests_per_s']:6.2f} req/s "
                   f"p50 {s['latency_p50_s']:.2f}s p99 {s['latency_p99_s']:.2f}s ttft p99 {s['ttft_p99_s']:.2f}s",
                   flush=True)
             runs[mode].append(s)
             answers.setdefault(mode, [x["text"] for x in run["results"]])
     same = answers["continuous"] == answers["one_at_a_time"]
-    med = {m: {k: statistics.median(x[k] for x in v) for k in v[0]} for m, v in runs.items()}
+    med = {m: {k: statistics.median(x[k] for x in v) for k in v[0] if k != "load_average_1min"}
+           for m, v in runs.items()}
     ratio = [c["tokens_per_s"] / o["tokens_per_s"] for c, o in zip(runs["continuous"], runs["one_at_a_time"])]
-    return {"engine": engine.name, "runs": runs, "median": med, "tokens_per_s_ratio_per_round": ratio,
-            "tokens_per_s_ratio": statistics.median(ratio), "same_answers_in_both_modes": same}
+    ttft, total = statistics.median(x["ttft_s"] for x in solo), statistics.median(x["latency_s"] for x in solo)
+    tokens = solo[0]["completion_tokens"]
+    return {"engine": engine.name, "max_tokens": max_tokens, "runs": runs, "median": med,
+            "tokens_per_s_ratio_per_round": ratio, "tokens_per_s_ratio": statistics.median(ratio),
+            "same_answers_in_both_modes": same,
+            # Amdahl: a CPU prefill batch costs its requests' sum, so batching can only shrink the decode part
+            "alone": {"ttft_s": ttft, "total_s": total, "completion_tokens": tokens,
+                      "decode_tokens_per_s": (tokens - 1) / max(total - ttft, 1e-9),
+                      "prefill_share": ttft / total, "ratio_bound_free_decode": total / ttft}}
 
 
 def main() -> None:
@@ -174,7 +189,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/leanvlm-serve-bench"))
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=1, help="requests per client")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, nargs="+", default=[64, 256],
+                   help="max_tokens of every request; several values: one run per engine and value")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads of the server (default: all cores)")
     p.add_argument("--engines", nargs="+", default=["mid-fastv", "shapes-fastv", "mid-full"])
@@ -200,13 +216,15 @@ def main() -> None:
         if not (out / "leanvlm.json").exists():
             print(f"exporting {name}", flush=True)
             export_engine(ExportOptions(model=model, keep=keep, out=out, force=True, max_batch=args.clients))
-        print(f"{name}:", flush=True)
-        report["engines"][name] = {"model": specs[name][0], "keep": keep, **bench_engine(
-            out, args.clients, args.clients * args.requests, args.max_tokens, args.rounds, args.threads, args.clients)}
-        tmp = args.out.with_suffix(".tmp")  # after each engine: a long run stopped early keeps what it measured
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(args.out)
-        print(f"wrote {args.out}", flush=True)
+        for max_tokens in args.max_tokens:
+            print(f"{name}, max_tokens {max_tokens}:", flush=True)
+            result = bench_engine(out, args.clients, args.clients * args.requests, max_tokens, args.rounds,
+                                  args.threads, args.clients)
+            report["engines"][f"{name}, max_tokens {max_tokens}"] = {"model": specs[name][0], "keep": keep, **result}
+            tmp = args.out.with_suffix(".tmp")  # after each run: a long run stopped early keeps what it measured
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(args.out)
+            print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
