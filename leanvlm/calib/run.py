@@ -68,7 +68,8 @@ def _record(opts: SearchOptions, method: str, scorer: Scorer, schedule, metric, 
             "metric": METRIC, "score": "last prompt token's head-mean attention at each stage's layer (score_at current), positions "
                      "renumbered",
             "unreduced_accuracy": round(scorer.baseline.accuracy, 6), "accuracy": round(metric.accuracy, 6),
-            "lost": metric.lost, "gained": metric.gained, "kl": round(metric.kl, 6), "prefill_flops_ratio": round(flops, 6), "flops_text_tokens": text_tokens,
+            "lost": metric.lost, "gained": metric.gained, "kl": round(metric.kl, 6),
+            "prefill_flops_ratio": round(flops, 6), "flops_text_tokens": text_tokens,
             "image_tokens_per_layer": schedule.image_tokens_per_layer(), "candidates_scored": scorer.stats.candidates,
             "wall_time_s": round(time.perf_counter() - t0, 1), "leanvlm": __version__}
 

@@ -74,15 +74,19 @@ class Metric:
     @property
     def gained(self) -> int:
         """Answers this candidate gets right that the unreduced model got wrong."""
-        base = self.correct if self.baseline_correct is None else self.baseline_correct
-        return self.correct - (base - self.lost)
+        return self.correct - self._kept
 
     @property
     def retained(self) -> float:
         """The unreduced model's accuracy less the answers lost: the accuracy without the answers a cut happened
         to fix. Cutting tokens does not make a model better, so on calibration data such gains are chance, and a
         search that counts them (picking, among many candidates, the luckiest) gives them back on new data."""
-        return (self.correct - self.gained) / self.n
+        return self._kept / self.n
+
+    @property
+    def _kept(self) -> int:
+        """The unreduced model's right answers that this candidate still gets right."""
+        return (self.correct if self.baseline_correct is None else self.baseline_correct) - self.lost
 
     @property
     def objective(self) -> float:

@@ -40,8 +40,7 @@ class KVCache:
         self.dtype = spec.precision.io_dtype
         self.dropped = [m.num_image_tokens - g.image_tokens for g in self.groups]  # before each group, in the LLM
         self.layer_group = [g for g, grp in enumerate(self.groups) for _ in grp.layers]
-        self.capacity = [0] * len(self.groups)
-        self._capacity = np.zeros(len(self.groups), dtype=np.int64)  # the same, as an array for append's check
+        self.capacity = np.zeros(len(self.groups), dtype=np.int64)  # entries allocated per group
         self.keys: list = [None] * len(self.layer_group)
         self.values: list = [None] * len(self.layer_group)
         self.masks = [self._empty_mask(0) for _ in self.groups]
@@ -150,7 +149,7 @@ class KVCache:
         """Write each used row's new entry at that row's length (rows [0, rows) as decode ran them)."""
         n = self.rows
         lengths = self.lengths[:n]  # free rows hold 0
-        if (lengths >= self._capacity).any():
+        if (lengths >= self.capacity).any():
             raise EngineError("KV cache: a request outgrew its reserved entries")
         if n <= self.ROW_WRITES and isinstance(self.keys[0], np.ndarray):
             # a few rows: one basic-indexed write per row and layer costs less than one fancy-indexed write
@@ -204,7 +203,6 @@ class KVCache:
             mask[:, :old] = self.masks[g][:, :old]
             self.masks[g] = mask
             self.capacity[g] = cap
-            self._capacity[g] = cap
 
     @staticmethod
     def _index(buffer, index: np.ndarray):
